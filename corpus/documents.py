@@ -1,0 +1,168 @@
+"""Documents, Parquet partitions and the step protocol every document stage follows.
+
+A document is a plain dict with at least `id`, `source` and `text`. A step is a
+generator function: documents in, documents out. A document the step drops is yielded
+as `Rejected(doc, reason, details)` instead of being swallowed, so the partition runner
+can write it to `rejected/` and check input = kept + rejected.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+EXAMPLES_PER_REASON = 3
+EXAMPLE_CHARS = 300
+READ_BATCH_ROWS = 256
+
+
+class Rejected(NamedTuple):
+    doc: dict
+    reason: str
+    details: dict = {}
+
+
+Step = Callable[..., Iterator[dict | Rejected]]
+
+
+class ConservationError(RuntimeError):
+    """A step lost or invented documents: input != kept + rejected."""
+
+
+def doc_id(source: str) -> str:
+    """Stable id from a source path or URL."""
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+
+
+def is_val(id_: str, val_fraction: float) -> bool:
+    """Deterministic train/val split by document id, the same in every stage."""
+    bucket = int.from_bytes(hashlib.sha256(id_.encode("utf-8")).digest()[:8], "big")
+    return bucket < val_fraction * 2**64
+
+
+def open_partition(path: str | Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for bad files
+        raise ValueError(f"{path}: not a readable Parquet partition ({exc}); "
+                         "re-run the stage that wrote it with force") from exc
+
+
+def read_docs(path: str | Path, columns: list[str] | None = None) -> Iterator[dict]:
+    """Stream the rows of one Parquet partition as dicts, a record batch at a time."""
+    for batch in open_partition(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+        yield from batch.to_pylist()
+
+
+def read_texts(paths: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
+    """(id, text) for every document of the given partitions, streamed."""
+    for path in paths:
+        for row in read_docs(path, columns=["id", "text"]):
+            yield row["id"], row["text"]
+
+
+def write_docs(rows: list[dict], path: str | Path) -> None:
+    """Write one partition; an empty partition still gets a file so counts line up."""
+    table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+    pq.write_table(table, path, compression="zstd")
+
+
+def _truncate(text: str | None) -> str:
+    text = (text or "").strip()
+    return text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "…"
+
+
+def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
+                      **step_config: Any) -> dict:
+    """Run `step` over one input partition; write kept docs to `out_dir/<name>` and
+    dropped ones to `out_dir/rejected/<name>`. Returns the partition's stats."""
+    in_path, out_dir = Path(in_path), Path(out_dir)
+    started = time.perf_counter()
+    # the count comes from the file, not from what the step chose to read
+    n_in = open_partition(in_path).metadata.num_rows
+    bytes_in = 0
+
+    def counted(docs: Iterator[dict]) -> Iterator[dict]:
+        nonlocal bytes_in
+        for doc in docs:
+            bytes_in += _size(doc)
+            yield doc
+
+    kept: list[dict] = []
+    rejected: list[dict] = []
+    reasons: Counter[str] = Counter()
+    examples: dict[str, list[dict]] = {}
+    for item in step(counted(read_docs(in_path)), **step_config):
+        if isinstance(item, Rejected):
+            reasons[item.reason] += 1
+            row = {"id": item.doc["id"], "source": item.doc.get("source"),
+                   "text": item.doc.get("text"), "reason": item.reason, **item.details}
+            rejected.append(row)
+            if len(examples.setdefault(item.reason, [])) < EXAMPLES_PER_REASON:
+                examples[item.reason].append({"id": row["id"], "source": row["source"],
+                                              "text": _truncate(row["text"]), **item.details})
+        else:
+            item["n_chars"] = len(item["text"])
+            kept.append(item)
+    if n_in != len(kept) + len(rejected):
+        raise ConservationError(
+            f"{in_path}: step {getattr(step, '__name__', step)} read {n_in} documents but "
+            f"kept {len(kept)} and rejected {len(rejected)}")
+    write_docs(kept, out_dir / in_path.name)
+    (out_dir / "rejected").mkdir(parents=True, exist_ok=True)
+    write_docs(rejected, out_dir / "rejected" / in_path.name)
+    return {
+        "partition": in_path.name,
+        "docs_in": n_in,
+        "docs_out": len(kept),
+        "docs_rejected": len(rejected),
+        "bytes_in": bytes_in,
+        "bytes_out": sum(len(d["text"].encode("utf-8")) for d in kept),
+        "length_hist": dict(Counter(d["n_chars"].bit_length() for d in kept)),
+        "reasons": dict(reasons),
+        "examples": examples,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _size(doc: dict) -> int:
+    """Bytes of a document's payload: its raw HTML if it still has it, else its text."""
+    payload = doc.get("html") or doc.get("text") or ""
+    return len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8"))
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """Sum per-partition stats into stage stats; keeps a few examples per reason."""
+    reasons: Counter[str] = Counter()
+    length_hist: Counter[int] = Counter()
+    examples: dict[str, list[dict]] = {}
+    for p in parts:
+        reasons.update(p["reasons"])
+        length_hist.update(p["length_hist"])
+        for reason, exs in p["examples"].items():
+            room = EXAMPLES_PER_REASON - len(examples.setdefault(reason, []))
+            examples[reason].extend(exs[:max(room, 0)])
+    slowest = sorted(parts, key=lambda p: p["seconds"], reverse=True)[:5]
+    stats = {
+        "partitions": len(parts),
+        "docs_in": sum(p["docs_in"] for p in parts),
+        "docs_out": sum(p["docs_out"] for p in parts),
+        "docs_rejected": sum(p["docs_rejected"] for p in parts),
+        "bytes_in": sum(p["bytes_in"] for p in parts),
+        "bytes_out": sum(p["bytes_out"] for p in parts),
+        "rejected_by_reason": dict(reasons.most_common()),
+        "rejected_examples": examples,
+        # kept documents by length: key b counts docs with 2**(b-1) <= n_chars < 2**b
+        "length_hist": {b: length_hist[b] for b in sorted(length_hist)},
+        "partition_seconds": round(sum(p["seconds"] for p in parts), 3),
+        "slowest_partitions": {p["partition"]: round(p["seconds"], 3) for p in slowest},
+    }
+    if stats["docs_in"] != stats["docs_out"] + stats["docs_rejected"]:
+        raise ConservationError(f"stage lost documents: {stats['docs_in']} in, "
+                                f"{stats['docs_out']} kept, {stats['docs_rejected']} rejected")
+    return stats

@@ -1,0 +1,82 @@
+"""Encode documents into fixed-size binary token shards, split train/val by document.
+
+Each document is preceded by the end-of-text token, so documents are separated by it.
+Shards use the llm.c layout (trainer.data owns the format); every shard but the last of
+each split holds exactly `shard_tokens` tokens.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from corpus.documents import is_val
+from corpus.tokenizer import EOT
+from trainer.data import token_dtype, write_shard
+
+ENCODE_BATCH_DOCS = 256
+
+
+class _SplitWriter:
+    """Buffers one split's tokens and writes a shard each time `shard_tokens` are full."""
+
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: np.dtype):
+        self.out_dir, self.split, self.shard_tokens, self.dtype = out_dir, split, shard_tokens, dtype
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.paths: list[Path] = []
+        self.docs = self.tokens = self.bytes = 0
+
+    def add(self, ids: list[int], n_bytes: int) -> None:
+        self.docs += 1
+        self.bytes += n_bytes
+        self.tokens += len(ids)
+        self.buffer.append(np.asarray(ids, dtype=self.dtype))
+        self.buffered += len(ids)
+        while self.buffered >= self.shard_tokens:
+            tokens = np.concatenate(self.buffer)
+            self._write(tokens[: self.shard_tokens])
+            rest = tokens[self.shard_tokens:]
+            self.buffer, self.buffered = [rest], len(rest)
+
+    def close(self) -> None:
+        if self.buffered:
+            self._write(np.concatenate(self.buffer))
+        self.buffer, self.buffered = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        path = self.out_dir / f"{self.split}_{len(self.paths):06d}.bin"
+        write_shard(path, tokens)
+        self.paths.append(path)
+
+    def stats(self) -> dict:
+        return {"docs": self.docs, "tokens": self.tokens, "bytes": self.bytes,
+                "shards": [p.name for p in self.paths]}
+
+
+def write_token_shards(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, out_dir: Path, *,
+                       shard_tokens: int, val_fraction: float) -> dict:
+    """`docs` streams (id, text). Returns per-split counts: docs, tokens, UTF-8 bytes, shards."""
+    eot = tokenizer.token_to_id(EOT)
+    if eot is None:
+        raise ValueError(f"the tokenizer has no {EOT} token; retrain it with the tokenizer stage")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    writers = {split: _SplitWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
+    docs = iter(docs)
+    while batch := list(islice(docs, ENCODE_BATCH_DOCS)):
+        encodings = tokenizer.encode_batch([text for _, text in batch])
+        for (id_, text), enc in zip(batch, encodings):
+            split = "val" if is_val(id_, val_fraction) else "train"
+            writers[split].add([eot, *enc.ids], len(text.encode("utf-8")))
+    for w in writers.values():
+        w.close()
+    stats = {split: w.stats() for split, w in writers.items()}
+    for split in ("train", "val"):
+        if not stats[split]["tokens"]:
+            raise ValueError(f"the {split} split is empty ({stats['train']['docs']} train, "
+                             f"{stats['val']['docs']} val documents): use a larger corpus or "
+                             f"change split.val_fraction ({val_fraction})")
+    return stats

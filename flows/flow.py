@@ -1,0 +1,143 @@
+"""The `corpus-to-model` Prefect flow: one task per stage, reading like the DAG.
+
+Each task is thin: run_stage computes the stage's content version, skips it on a cache
+hit, otherwise builds it into a temporary folder, writes manifest and report, renames it
+into place and publishes the report as a Prefect artifact.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transformers
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+
+from flows import parallel, report
+from flows.config import load_config
+from flows.stages import ORDER, STAGES, StageContext
+from flows.store import ArtifactStore, content_version
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A stage's artifact as passed between tasks."""
+    stage: str
+    version: str
+    path: Path
+
+
+@dataclass
+class Plan:
+    cfg: dict
+    store: ArtifactStore
+    stages: list[str]                                # the stages this run builds
+    force: bool = False                              # rebuild them even on a cache hit
+    pins: dict[str, str] = field(default_factory=dict)  # stage -> version to use as is
+
+
+def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref:
+    log = get_run_logger()
+    stage, store = STAGES[name], plan.store
+    if name in plan.pins:
+        version = store.resolve(name, plan.pins[name])
+        log.info(f"{name}: pinned to {version}")
+        return Ref(name, version, store.path(name, version))
+    sections = {s: plan.cfg[s] for s in stage.sections}
+    identity = stage.identity(plan.cfg)
+    code_version = stage.code_version()
+    version = content_version(name, {**sections, **identity}, code_version,
+                              {k: r.version for k, r in inputs.items()})
+    if name not in plan.stages or (store.exists(name, version) and not plan.force):
+        if not store.exists(name, version):
+            raise RuntimeError(
+                f"{name}: no artifact {name}/{version} for this config and its inputs, and this "
+                f"run does not build {name}; run it too, or pin a version (`c2m ls {name}`)")
+        log.info(f"{name}: cache hit, using {name}/{version} (skipped)")
+        store.set_latest(name, version)
+        return Ref(name, version, store.path(name, version))
+
+    log.info(f"{name}: building {name}/{version}")
+    tmp = store.begin(name, version)
+    started = time.time()
+    try:
+        ctx = StageContext(cfg=plan.cfg, inputs={k: r.path for k, r in inputs.items()},
+                           manifests={k: store.manifest(r.stage, r.version) for k, r in inputs.items()},
+                           out=tmp, log=log.info)
+        stats = stage.build(ctx)
+        finished = time.time()
+        manifest = {
+            "stage": name, "version": version, "code_version": code_version,
+            "inputs": {k: {"stage": r.stage, "version": r.version} for k, r in inputs.items()},
+            "config": sections, "identity": identity,
+            "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
+            "finished": dt.datetime.fromtimestamp(finished, dt.UTC).isoformat(),
+            "duration_s": round(finished - started, 3), "stats": stats,
+        }
+        markdown = report.render(manifest, tmp)
+        (tmp / "report.md").write_text(markdown)
+        path = store.commit(tmp, name, version, manifest)
+    except BaseException:
+        store.abort(tmp)  # nothing half-written is left where a later stage could read it
+        raise
+    create_markdown_artifact(markdown=markdown, key=f"{name}-report",
+                             description=f"{name} {version}")
+    log.info(f"{name}: wrote {path} in {finished - started:.1f} s")
+    return Ref(name, version, path)
+
+
+def _stage_task(name: str):
+    @task(name=name, cache_policy=NONE, persist_result=False)
+    def stage_task(plan: Plan, **inputs: Ref) -> Ref:
+        return run_stage(name, plan, inputs)
+    return stage_task
+
+
+source, extract, normalize, filter_, dedup, tokenizer, shard, train, evaluate = (
+    _stage_task(name) for name in ORDER)
+
+
+def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+    chosen = list(stages or ORDER)
+    if from_stage:
+        chosen = ORDER[ORDER.index(_known(from_stage)):]
+    return [s for s in ORDER if s in {_known(s) for s in chosen}]
+
+
+def _known(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(ORDER)}")
+    return stage
+
+
+@flow(name="corpus-to-model", log_prints=True)
+def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any] | None = None,
+                    stages: list[str] | None = None, from_stage: str | None = None,
+                    force: bool = False, pins: dict[str, str] | None = None) -> dict[str, str]:
+    """Raw HTML to a trained, evaluated GPT. `stages`/`from_stage` choose what to build
+    (the rest is read from the store), `force` rebuilds those even on a cache hit,
+    `pins` uses given versions of stages as they are."""
+    cfg = load_config(config, overrides)
+    plan = Plan(cfg, ArtifactStore(cfg["run"]["artifacts"]), select_stages(stages, from_stage),
+                force, dict(pins or {}))
+    try:
+        raw = source(plan)
+        extracted = extract(plan, source=raw)
+        normalized = normalize(plan, extract=extracted)
+        filtered = filter_(plan, normalize=normalized)
+        deduped = dedup(plan, filter=filtered)
+        tok = tokenizer(plan, dedup=deduped)
+        shards = shard(plan, dedup=deduped, tokenizer=tok)
+        parallel.shutdown()  # training runs alone on its cores
+        model = train(plan, shard=shards)
+        scores = evaluate(plan, train=model, shard=shards, tokenizer=tok)
+    finally:
+        parallel.shutdown()
+    refs = (raw, extracted, normalized, filtered, deduped, tok, shards, model, scores)
+    return {r.stage: r.version for r in refs}

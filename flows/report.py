@@ -1,0 +1,117 @@
+"""report.md (and a length-histogram PNG) for a stage, from its manifest."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.2f} MB"
+
+
+def _table(rows: list[tuple], header: tuple) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def headline(manifest: dict) -> list[str]:
+    """The few figures a reader looks for first, per stage."""
+    s, stage = manifest["stats"], manifest["stage"]
+    if "docs_in" in s:
+        lines = [f"- documents: {s['docs_in']:,} in, **{s['docs_out']:,} kept**, "
+                 f"{s['docs_rejected']:,} rejected",
+                 f"- bytes: {_mb(s['bytes_in'])} in, {_mb(s['bytes_out'])} out"]
+        if stage == "normalize":
+            lines.append(f"- documents changed by repair: {s['docs_changed']:,}; fixes: "
+                         + (", ".join(f"{k} {v}" for k, v in s["fixes"].items()) or "none"))
+        if stage == "filter":
+            lines.insert(0, f"- **toxicity scorer: {s['toxicity_scorer']}** "
+                            f"({s['toxicity_model'] or 'no model'}), threshold {s['toxicity_threshold']}")
+            if s["toxicity_note"]:
+                lines.insert(1, f"- note: {s['toxicity_note']}")
+        return lines
+    if stage == "source":
+        lines = [f"- documents: {s['docs']:,} in {s['partitions']} partitions, {_mb(s['bytes'])}"]
+        if "python" in s:
+            lines.append(f"- pydoc pages of Python {s['python'].get('python_version', s['python'])}; "
+                         f"{len(s['skipped_modules'])} modules skipped")
+        return lines
+    if stage == "tokenizer":
+        h = s["heldout"]
+        return [f"- vocab size: {s['vocab_size']:,}",
+                f"- held-out: {h['docs']:,} docs, {h['bytes_per_token']} bytes per token"]
+    if stage == "shard":
+        return [f"- {split}: {s[split]['docs']:,} docs, {s[split]['tokens']:,} tokens, "
+                f"{len(s[split]['shards'])} shards" for split in ("train", "val")]
+    if stage == "train":
+        return [f"- {s['steps']:,} steps, {s['tokens_seen']:,} tokens, final loss {s['final_loss']:.4f}",
+                f"- {s['tokens_per_s']:,.0f} tokens/s, {s['n_params']:,} parameters, {s['seconds']:.0f} s"]
+    if stage == "evaluate":
+        return [
+            *_table([("model", f"{s['val_loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
+                     ("unigram (val tokens' own entropy)", f"{s['unigram_entropy']:.4f}",
+                      f"{s['unigram_bits_per_byte']:.4f}")],
+                    ("validation", "loss (nats/token)", "bits per byte")),
+            "",
+            f"- perplexity {s['perplexity']:.2f}, next-token accuracy {s['accuracy']:.3f} "
+            f"over {s['tokens_evaluated']:,} tokens",
+            f"- beats unigram: **{s['beats_unigram']}**",
+        ]
+    return []
+
+
+def render(manifest: dict, out_dir: Path) -> str:
+    s = manifest["stats"]
+    lines = [f"# {manifest['stage']} {manifest['version']}", ""]
+    lines += headline(manifest)
+    inputs = ", ".join(f"{i['stage']}/{i['version']}" for i in manifest["inputs"].values()) or "none"
+    lines += ["", f"- inputs: {inputs}", f"- duration: {manifest['duration_s']:.1f} s",
+              f"- code version: {manifest['code_version']}", ""]
+    if s.get("rejected_by_reason"):
+        lines += ["## Rejected by reason", ""]
+        lines += _table(list(s["rejected_by_reason"].items()), ("reason", "documents"))
+        lines += ["", "## Examples of rejected documents", ""]
+        for reason, examples in s["rejected_examples"].items():
+            lines.append(f"### {reason}")
+            for ex in examples:
+                extra = {k: v for k, v in ex.items() if k not in ("id", "source", "text")}
+                text = ex["text"].replace("\n", " ")
+                lines.append(f"- `{ex['source']}` {json.dumps(extra) if extra else ''}: {text}")
+            lines.append("")
+    if s.get("length_hist"):
+        lines += ["## Kept documents by length (characters)", ""]
+        lines += _table([(f"{2 ** (int(b) - 1):,}-{2 ** int(b) - 1:,}", n)
+                         for b, n in s["length_hist"].items()], ("characters", "documents"))
+        if _plot_lengths(s["length_hist"], out_dir / "lengths.png", manifest["stage"]):
+            lines += ["", "![lengths](lengths.png)"]
+        lines += [""]
+    if s.get("slowest_partitions"):
+        lines += ["## Slowest partitions", ""]
+        lines += _table(list(s["slowest_partitions"].items()), ("partition", "seconds"))
+        lines += [""]
+    if manifest["stage"] == "evaluate" and s.get("samples"):
+        lines += ["## Samples", ""]
+        for sample in s["samples"]:
+            lines += [f"prompt {sample['prompt']!r}:", "", "```", sample["text"], "```", ""]
+    lines += ["## Config", "", "```json", json.dumps(manifest["config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _plot_lengths(hist: dict, path: Path, stage: str) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = [int(b) for b in hist]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar([f"<{2 ** b:,}" for b in bins], list(hist.values()))
+    ax.set_xlabel("characters")
+    ax.set_ylabel("documents")
+    ax.set_title(f"{stage}: kept documents by length")
+    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return True

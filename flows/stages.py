@@ -1,0 +1,222 @@
+"""The DAG as data: each stage's inputs, config sections, code, and how it is built.
+
+A build function gets a StageContext (config, input artifact folders, a temporary output
+folder) and calls the pure code in corpus/ or trainer/, mapping partitions over Dask
+where the stage is per-document. It returns the stats that go into the manifest.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from corpus import dedup, sources, tokenizer, toxicity
+from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts
+from corpus.extract import extract
+from corpus.filter import filter_docs
+from corpus.normalize import normalize
+from corpus.shard import write_token_shards
+from flows.parallel import map_partitions
+
+
+@dataclass
+class StageContext:
+    cfg: dict                      # the whole run config
+    inputs: dict[str, Path]        # input stage -> its artifact folder
+    manifests: dict[str, dict]     # input stage -> its manifest
+    out: Path                      # temporary folder the stage writes into
+    log: Callable[[str], None] = print
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    sections: tuple[str, ...]               # config sections that change the output
+    modules: tuple[str, ...]                # code whose change makes a new version
+    build: Callable[[StageContext], dict]
+    # facts outside the config that change the output (input files, Python, scorer)
+    identity: Callable[[dict], dict] = field(default=lambda cfg: {})
+
+    def code_version(self) -> str:
+        h = hashlib.sha256()
+        for name in sorted(self.modules):
+            h.update(Path(importlib.import_module(name).__file__).read_bytes())
+        h.update(inspect.getsource(self.build).encode())
+        return h.hexdigest()[:12]
+
+
+def partitions(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.parquet"))
+
+
+def _map_docs(ctx: StageContext, input_stage: str, step, **step_cfg) -> dict:
+    parts = partitions(ctx.inputs[input_stage])
+    results = map_partitions(ctx.cfg["dask"], process_partition, parts,
+                             step=step, out_dir=ctx.out, **step_cfg)
+    return merge_stats(results)
+
+
+# -- source ------------------------------------------------------------------------
+
+def source_identity(cfg: dict) -> dict:
+    src = cfg["source"]
+    if src["kind"] == "pydoc":
+        return {"python": sources.pydoc_info()}
+    if src["kind"] == "path":
+        return {"input_files": sources.fingerprint(src["path"])}
+    raise ValueError(f"source.kind = {src['kind']!r}: use 'pydoc' or 'path'")
+
+
+def build_source(ctx: StageContext) -> dict:
+    src = ctx.cfg["source"]
+    skipped: dict[str, str] = {}
+    if src["kind"] == "pydoc":
+        docs = sources.pydoc_documents(limit=src["pydoc_limit"] or None, skipped=skipped)
+    else:
+        docs = sources.path_documents(src["path"])
+    stats = sources.write_partitions(docs, ctx.out, src["docs_per_partition"])
+    if src["kind"] == "pydoc":
+        stats.update(python=sources.pydoc_info(), skipped_modules=skipped)
+    else:
+        stats["path"] = str(Path(src["path"]).resolve())
+    return stats
+
+
+# -- document stages ---------------------------------------------------------------
+
+def build_extract(ctx: StageContext) -> dict:
+    return _map_docs(ctx, "source", extract)
+
+
+def build_normalize(ctx: StageContext) -> dict:
+    stats = _map_docs(ctx, "extract", normalize)
+    changed, fixes = 0, {}
+    for part in partitions(ctx.out):
+        for row in read_docs(part, ["normalized_changed", "normalize_fixes"]):
+            changed += bool(row["normalized_changed"])
+            for fix in row["normalize_fixes"] or ():
+                fixes[fix] = fixes.get(fix, 0) + 1
+    return {**stats, "docs_changed": changed, "fixes": fixes}
+
+
+def scorer_identity(cfg: dict) -> dict:
+    """Which scorer will really run: `auto` depends on what is installed here."""
+    f = cfg["filter"]
+    scorer = toxicity.load_scorer(f["toxicity"], **_scorer_args(f))
+    return {"scorer": None if scorer is None else {"name": scorer.name, "model": scorer.model}}
+
+
+def _scorer_args(f: dict) -> dict:
+    return {"detoxify_model": f["detoxify_model"], "checkpoint": f["detoxify_checkpoint"],
+            "config_dir": f["detoxify_config_dir"], "max_tokens": f["toxicity_max_tokens"],
+            "batch_size": f["toxicity_batch_size"]}
+
+
+def build_filter(ctx: StageContext) -> dict:
+    f = ctx.cfg["filter"]
+    scorer = scorer_identity(ctx.cfg)["scorer"]
+    note = ""
+    if f["toxicity"] == "auto" and scorer and scorer["name"] != "detoxify":
+        try:
+            toxicity.load_scorer("detoxify", **_scorer_args(f))
+        except toxicity.ToxicityModelMissing as exc:
+            note = f"auto fell back from detoxify: {exc}"
+    stats = _map_docs(
+        ctx, "normalize", filter_docs,
+        # workers run the scorer the driver resolved, never their own `auto` choice
+        scorer_kind=scorer["name"] if scorer else "off", scorer_args=_scorer_args(f),
+        toxicity_threshold=f["toxicity_threshold"], min_chars=f["min_chars"],
+        max_chars=f["max_chars"], min_words=f["min_words"], max_words=f["max_words"])
+    return {**stats, "toxicity_scorer": scorer["name"] if scorer else "off",
+            "toxicity_model": scorer["model"] if scorer else None,
+            "toxicity_threshold": f["toxicity_threshold"], "toxicity_note": note}
+
+
+def build_dedup(ctx: StageContext) -> dict:
+    parts = partitions(ctx.inputs["filter"])
+    hashes = map_partitions(ctx.cfg["dask"], dedup.partition_hashes, parts)
+    duplicates = dedup.exact_duplicates(pair for part in hashes for pair in part)
+    per_part = [{id_: duplicates[id_] for id_, _ in part if id_ in duplicates} for part in hashes]
+    results = map_partitions(ctx.cfg["dask"], _dedup_partition, list(zip(parts, per_part)),
+                             out_dir=ctx.out)
+    return merge_stats(results)
+
+
+def _dedup_partition(item: tuple[Path, dict], out_dir: Path) -> dict:
+    path, duplicates = item
+    return process_partition(dedup.drop_duplicates, path, out_dir, duplicates=duplicates)
+
+
+# -- tokenizer and shards ----------------------------------------------------------
+
+def build_tokenizer(ctx: StageContext) -> dict:
+    parts = partitions(ctx.inputs["dedup"])
+    val_fraction = ctx.cfg["split"]["val_fraction"]
+    t = ctx.cfg["tokenizer"]
+    # trained on the train split only, so the held-out figure is honest
+    train_texts = (text for id_, text in read_texts(parts) if not is_val(id_, val_fraction))
+    tok = tokenizer.train_bpe(train_texts, vocab_size=t["vocab_size"], min_frequency=t["min_frequency"])
+    tok.save(str(ctx.out / "tokenizer.json"))
+    heldout = tokenizer.bytes_per_token(
+        tok, (text for id_, text in read_texts(parts) if is_val(id_, val_fraction)))
+    return {"vocab_size": tok.get_vocab_size(), "heldout": heldout}
+
+
+def build_shard(ctx: StageContext) -> dict:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"] / "tokenizer.json"))
+    splits = write_token_shards(
+        read_texts(partitions(ctx.inputs["dedup"])), tok, ctx.out,
+        shard_tokens=ctx.cfg["shard"]["shard_tokens"], val_fraction=ctx.cfg["split"]["val_fraction"])
+    return {"vocab_size": tok.get_vocab_size(), **splits}
+
+
+# -- model -------------------------------------------------------------------------
+
+def build_train(ctx: StageContext) -> dict:
+    from trainer.train import TrainConfig, train
+
+    shard_dir = ctx.inputs["shard"]
+    return train(sorted(shard_dir.glob("train_*.bin")), ctx.manifests["shard"]["stats"]["vocab_size"],
+                 TrainConfig(**ctx.cfg["train"]), ctx.out, log=ctx.log)
+
+
+def build_evaluate(ctx: StageContext) -> dict:
+    from trainer.evaluate import evaluate
+
+    e = ctx.cfg["evaluate"]
+    val = ctx.manifests["shard"]["stats"]["val"]
+    metrics = evaluate(
+        ctx.inputs["train"] / "model.pt", sorted(ctx.inputs["shard"].glob("val_*.bin")),
+        val_bytes=val["bytes"], val_tokens=val["tokens"],
+        tokenizer_path=ctx.inputs["tokenizer"] / "tokenizer.json",
+        batch_size=e["batch_size"], max_tokens=e["max_tokens"] or None, samples=e["samples"],
+        sample_tokens=e["sample_tokens"], temperature=e["temperature"], top_k=e["top_k"],
+        seed=e["seed"])
+    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in [
+    Stage("source", (), ("source",), ("corpus.sources", "corpus.documents"), build_source,
+          identity=source_identity),
+    Stage("extract", ("source",), ("extract",), ("corpus.extract", "corpus.documents"), build_extract),
+    Stage("normalize", ("extract",), ("normalize",), ("corpus.normalize", "corpus.documents"),
+          build_normalize),
+    Stage("filter", ("normalize",), ("filter",), ("corpus.filter", "corpus.toxicity", "corpus.documents"),
+          build_filter, identity=scorer_identity),
+    Stage("dedup", ("filter",), ("dedup",), ("corpus.dedup", "corpus.documents"), build_dedup),
+    Stage("tokenizer", ("dedup",), ("tokenizer", "split"), ("corpus.tokenizer",), build_tokenizer),
+    Stage("shard", ("dedup", "tokenizer"), ("shard", "split"), ("corpus.shard", "trainer.data"), build_shard),
+    Stage("train", ("shard",), ("train",), ("trainer.model", "trainer.train", "trainer.data"), build_train),
+    Stage("evaluate", ("train", "shard", "tokenizer"), ("evaluate",),
+          ("trainer.evaluate", "trainer.model", "trainer.data"), build_evaluate),
+]}
+ORDER = list(STAGES)
+DOCUMENT_STAGES = ("extract", "normalize", "filter", "dedup")

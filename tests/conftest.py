@@ -1,0 +1,92 @@
+"""Shared fixtures: the shared real data, an isolated Prefect, a tiny realistic corpus."""
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+
+
+def shared(*parts: str) -> Path:
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.fail(f"test data {path} is missing: the tests expect ../shared/data beside the "
+                    "checkout (see ../shared/data/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One throwaway Prefect API for the whole session (~6 s to start)."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+MOJIBAKE = "The cafÃ© served crÃ¨me brÃ»lÃ©e â€” and it was â€œperfectâ€\x9d."
+
+
+def offensive_tweets(n: int) -> list[str]:
+    with open(shared("toxicity-davidson", "labeled_data.csv"), newline="") as f:
+        rows = [r["tweet"] for r in csv.DictReader(f) if r["class"] == "1"]
+    return rows[:n]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A folder of HTML like a small crawl: 24 real WCXB pages, one exact duplicate of
+    one of them, a page of mojibake, a page too short to keep, an offensive page."""
+    root = tmp_path_factory.mktemp("tiny-corpus")
+    pages = sorted(shared("wcxb-dev", "html").glob("*.html.gz"))[:24]
+    for page in pages:
+        shutil.copy(page, root / page.name)
+    shutil.copy(pages[3], root / "copy-of-page-3.html.gz")  # same bytes, another URL
+    (root / "mojibake.html").write_text(
+        "<html><body><article>" + "".join(f"<p>{MOJIBAKE} Paragraph {i} tells more.</p>"
+                                          for i in range(12)) + "</article></body></html>")
+    (root / "short.htm").write_text("<html><body><nav>Home | About</nav><p>Coming soon.</p></body></html>")
+    tweets = "".join(f"<p>{t}</p>" for t in offensive_tweets(40))
+    with gzip.open(root / "rant.html.gz", "wt") as f:
+        f.write(f"<html><body><div>{tweets}</div></body></html>")
+    return root
+
+
+def tiny_overrides(corpus: Path, artifacts: Path) -> dict:
+    """A config small enough that the whole flow runs in well under a minute."""
+    return {
+        "run.artifacts": str(artifacts),
+        "dask.workers": 2,
+        "dask.local_directory": str(artifacts.parent / "dask"),
+        "source.kind": "path",
+        "source.path": str(corpus),
+        "source.docs_per_partition": 8,
+        "filter.min_words": 40,
+        "filter.toxicity": "profanity-check",
+        "filter.toxicity_threshold": 0.8,
+        "split.val_fraction": 0.2,
+        "tokenizer.vocab_size": 400,
+        "shard.shard_tokens": 20000,
+        "train.n_layer": 1,
+        "train.n_head": 2,
+        "train.n_embd": 32,
+        "train.block_size": 32,
+        "train.batch_size": 4,
+        "train.max_steps": 6,
+        "train.warmup_steps": 2,
+        "train.log_every": 2,
+        "train.dtype": "float32",
+        "evaluate.max_tokens": 3000,
+        "evaluate.samples": 1,
+        "evaluate.sample_tokens": 8,
+    }

@@ -1,0 +1,148 @@
+"""The whole flow on a tiny corpus: every stage's artifact, conservation, caching."""
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from tokenizers import Tokenizer
+
+from conftest import tiny_overrides
+from flows.stages import DOCUMENT_STAGES, ORDER
+from flows.store import ArtifactStore, file_sha256
+from trainer.data import open_shard
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tiny_corpus, tmp_path_factory):
+    from flows.flow import corpus_to_model
+
+    artifacts = tmp_path_factory.mktemp("run") / "artifacts"
+    overrides = tiny_overrides(tiny_corpus, artifacts)
+    versions = corpus_to_model(config="configs/demo.toml", overrides=overrides)
+    return ArtifactStore(artifacts), overrides, versions
+
+
+def rows(path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in sorted(path.glob("part-*.parquet")))
+
+
+def test_every_stage_leaves_a_complete_artifact(first_run):
+    store, _, versions = first_run
+    assert list(versions) == ORDER
+    for stage, version in versions.items():
+        folder = store.path(stage, version)
+        manifest = store.manifest(stage, version)
+        assert manifest["stage"] == stage and manifest["version"] == version
+        assert store.latest(stage) == version
+        assert (folder / "report.md").read_text().startswith(f"# {stage} {version}")
+        for name, meta in manifest["files"].items():  # checksums match what is on disk
+            assert file_sha256(folder / name) == meta["sha256"], name
+        for inp in manifest["inputs"].values():
+            assert versions[inp["stage"]] == inp["version"]
+    assert not list(store.root.glob("*/.tmp-*")), "temporary folders left behind"
+
+
+def test_documents_are_conserved_stage_by_stage(first_run):
+    store, _, versions = first_run
+    source = store.manifest("source", versions["source"])["stats"]
+    assert source["docs"] == 28
+    previous_out = source["docs"]
+    for stage in DOCUMENT_STAGES:
+        folder = store.path(stage, versions[stage])
+        stats = store.manifest(stage, versions[stage])["stats"]
+        kept, rejected = rows(folder), rows(folder / "rejected")
+        assert stats["docs_in"] == previous_out, stage
+        assert (stats["docs_out"], stats["docs_rejected"]) == (kept, rejected), stage
+        assert stats["docs_in"] == kept + rejected, stage
+        assert sum(stats["rejected_by_reason"].values()) == rejected, stage
+        previous_out = kept
+
+
+def test_each_problem_document_is_rejected_for_its_reason(first_run):
+    store, _, versions = first_run
+
+    def rejected(stage):
+        table = pq.read_table(store.path(stage, versions[stage]) / "rejected").to_pylist()
+        return {r["source"]: r for r in table}
+
+    assert rejected("filter")["short.htm"]["reason"] in {"too_few_chars", "too_few_words"}
+    assert rejected("filter")["rant.html.gz"]["reason"] == "toxic"
+    assert rejected("filter")["rant.html.gz"]["toxicity"] >= 0.8
+    dup = rejected("dedup")["copy-of-page-3.html.gz"]
+    assert dup["reason"] == "exact_duplicate"
+    kept = pq.read_table(store.path("dedup", versions["dedup"])).to_pylist()
+    assert dup["duplicate_of"] in {r["id"] for r in kept if r["source"] == "0004.html.gz"}
+    normalized = {r["source"]: r for r in kept}
+    assert "café" in normalized["mojibake.html"]["text"]
+    assert "Ã" not in normalized["mojibake.html"]["text"]
+    assert store.manifest("normalize", versions["normalize"])["stats"]["docs_changed"] >= 1
+    report = (store.path("filter", versions["filter"]) / "report.md").read_text()
+    assert "toxicity scorer: profanity-check" in report
+
+
+def test_tokenizer_shards_model_and_metrics(first_run):
+    store, overrides, versions = first_run
+    tok = Tokenizer.from_file(str(store.path("tokenizer", versions["tokenizer"]) / "tokenizer.json"))
+    assert 256 < tok.get_vocab_size() <= overrides["tokenizer.vocab_size"]
+    shard_dir = store.path("shard", versions["shard"])
+    stats = store.manifest("shard", versions["shard"])["stats"]
+    for split in ("train", "val"):
+        total = sum(len(open_shard(shard_dir / name)) for name in stats[split]["shards"])
+        assert total == stats[split]["tokens"] > 0
+    assert len(stats["train"]["shards"]) > 1  # shard_tokens is small enough to split
+    checkpoint = torch.load(store.path("train", versions["train"]) / "model.pt", weights_only=True)
+    assert checkpoint["step"] == overrides["train.max_steps"]
+    metrics = json.loads((store.path("evaluate", versions["evaluate"]) / "metrics.json").read_text())
+    for key in ("val_loss", "perplexity", "bits_per_byte", "accuracy", "unigram_entropy"):
+        assert metrics[key] > 0, key
+    assert metrics["samples"]
+
+
+def test_second_run_is_all_cache_hits(first_run):
+    from flows.flow import corpus_to_model
+
+    store, overrides, versions = first_run
+    before = {s: store.manifest(s, v)["finished"] for s, v in versions.items()}
+    again = corpus_to_model(config="configs/demo.toml", overrides=overrides)
+    assert again == versions
+    assert {s: store.manifest(s, v)["finished"] for s, v in again.items()} == before
+    assert all(len(store.versions(s)) == 1 for s in ORDER)
+
+
+def test_changing_training_config_rebuilds_only_train_and_evaluate(first_run):
+    from flows.flow import corpus_to_model
+
+    store, overrides, versions = first_run
+    changed = corpus_to_model(config="configs/demo.toml",
+                              overrides={**overrides, "train.max_steps": 4})
+    assert [s for s in ORDER if changed[s] != versions[s]] == ["train", "evaluate"]
+    # one stage re-run from the store, forced, pinned to the first model
+    evaluated = store.manifest("evaluate", versions["evaluate"])["finished"]
+    forced = corpus_to_model(config="configs/demo.toml", overrides=overrides, stages=["evaluate"],
+                             force=True, pins={"train": versions["train"]})
+    assert forced == versions
+    assert store.manifest("evaluate", versions["evaluate"])["finished"] > evaluated
+
+
+def test_a_failing_stage_leaves_no_artifact(prefect_harness, tiny_corpus, tmp_path):
+    from flows.flow import corpus_to_model
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "docs.jsonl").write_text('{"text": "fine"}\n{not json\n')
+    overrides = tiny_overrides(bad, tmp_path / "artifacts")
+    with pytest.raises(Exception, match=r"docs.jsonl.*line 2"):
+        corpus_to_model(config="configs/demo.toml", overrides=overrides)
+    store = ArtifactStore(tmp_path / "artifacts")
+    assert store.versions("source") == []
+    assert not list(store.root.glob("*/.tmp-*"))
+
+
+def test_unselected_stage_without_artifact_is_a_clear_error(prefect_harness, tiny_corpus, tmp_path):
+    from flows.flow import corpus_to_model
+
+    overrides = tiny_overrides(tiny_corpus, tmp_path / "artifacts")
+    with pytest.raises(RuntimeError, match="does not build source"):
+        corpus_to_model(config="configs/demo.toml", overrides=overrides, stages=["extract"])
