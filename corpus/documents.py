@@ -66,9 +66,26 @@ def read_texts(paths: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
             yield row["id"], row["text"]
 
 
-def write_docs(rows: list[dict], path: str | Path) -> None:
-    """Write one partition; an empty partition still gets a file so counts line up."""
-    table = pa.Table.from_pylist(rows) if rows else pa.table({"id": pa.array([], pa.string())})
+# Types of the columns stages write, so that a column that is all null in one partition
+# has the same type as in the others and a stage folder reads as one dataset.
+COLUMN_TYPES = {
+    "id": pa.string(), "source": pa.string(), "text": pa.string(), "html": pa.binary(),
+    "n_chars": pa.int64(), "reason": pa.string(), "error": pa.string(),
+    "toxicity": pa.float64(), "duplicate_of": pa.string(), "normalized_changed": pa.bool_(),
+    "normalize_fixes": pa.list_(pa.string()),
+}
+# Every rejected/ file has these columns, whichever reasons it holds.
+REJECTED_COLUMNS = ("id", "source", "text", "reason", "error", "toxicity", "duplicate_of")
+
+
+def write_docs(rows: list[dict], path: str | Path, columns: Iterable[str] | None = None) -> None:
+    """Write one partition (nothing for no rows: readers glob the files there are).
+    Columns: `columns`, else the union of the rows' keys in first-seen order."""
+    if not rows:
+        return
+    names = list(columns or dict.fromkeys(k for row in rows for k in row))
+    table = pa.table({k: pa.array([row.get(k) for row in rows], type=COLUMN_TYPES.get(k))
+                      for k in names})
     pq.write_table(table, path, compression="zstd")
 
 
@@ -79,8 +96,8 @@ def _truncate(text: str | None) -> str:
 
 def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
                       **step_config: Any) -> dict:
-    """Run `step` over one input partition; write kept docs to `out_dir/<name>` and
-    dropped ones to `out_dir/rejected/<name>`. Returns the partition's stats."""
+    """Run `step` over one input partition; write kept docs to `out_dir/docs/<name>`
+    and dropped ones to `out_dir/rejected/<name>`. Returns the partition's stats."""
     in_path, out_dir = Path(in_path), Path(out_dir)
     started = time.perf_counter()
     # the count comes from the file, not from what the step chose to read
@@ -100,6 +117,10 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
     for item in step(counted(read_docs(in_path)), **step_config):
         if isinstance(item, Rejected):
             reasons[item.reason] += 1
+            unknown = set(item.details) - set(REJECTED_COLUMNS)
+            if unknown:
+                raise ValueError(f"rejection details {sorted(unknown)} have no column in "
+                                 "REJECTED_COLUMNS; add them there")
             row = {"id": item.doc["id"], "source": item.doc.get("source"),
                    "text": item.doc.get("text"), "reason": item.reason, **item.details}
             rejected.append(row)
@@ -113,9 +134,10 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
         raise ConservationError(
             f"{in_path}: step {getattr(step, '__name__', step)} read {n_in} documents but "
             f"kept {len(kept)} and rejected {len(rejected)}")
-    write_docs(kept, out_dir / in_path.name)
-    (out_dir / "rejected").mkdir(parents=True, exist_ok=True)
-    write_docs(rejected, out_dir / "rejected" / in_path.name)
+    for sub in ("docs", "rejected"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    write_docs(kept, out_dir / "docs" / in_path.name)
+    write_docs(rejected, out_dir / "rejected" / in_path.name, columns=REJECTED_COLUMNS)
     return {
         "partition": in_path.name,
         "docs_in": n_in,

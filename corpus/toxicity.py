@@ -78,7 +78,7 @@ class DetoxifyScorer:
         from detoxify import Detoxify
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)  # no pickle code from a downloaded file
         if "config" not in ckpt or "state_dict" not in ckpt:
             raise ValueError(f"{checkpoint} is not a detoxify checkpoint (needs 'config' and 'state_dict')")
         ckpt["config"]["arch"]["args"]["model_type"] = str(config_dir)

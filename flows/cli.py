@@ -101,7 +101,7 @@ def demo(root: str = ROOT_OPTION):
     evaluate = store.path("evaluate", store.resolve("evaluate"))
     model = store.path("train", store.resolve("train"))
     metrics = json.loads((evaluate / "metrics.json").read_text())
-    typer.echo(f"\nvalidation loss {metrics['val_loss']:.3f} nats/token "
+    typer.echo(f"\nvalidation loss {metrics['loss']:.3f} nats/token "
                f"(unigram entropy {metrics['unigram_entropy']:.3f}), "
                f"{metrics['bits_per_byte']:.3f} bits/byte, perplexity {metrics['perplexity']:.1f}")
     typer.echo(f"report: {evaluate / 'report.md'}")

@@ -34,8 +34,12 @@ def headline(manifest: dict) -> list[str]:
     if stage == "source":
         lines = [f"- documents: {s['docs']:,} in {s['partitions']} partitions, {_mb(s['bytes'])}"]
         if "python" in s:
-            lines.append(f"- pydoc pages of Python {s['python'].get('python_version', s['python'])}; "
-                         f"{len(s['skipped_modules'])} modules skipped")
+            lines.append(f"- pydoc pages of Python {s['python']['python_version']}")
+        else:
+            lines.append(f"- read from {s['path']}")
+        if s["skipped"]:
+            lines.append(f"- skipped {len(s['skipped'])}: " + ", ".join(
+                f"{k} ({v})" for k, v in list(s["skipped"].items())[:10]))
         return lines
     if stage == "tokenizer":
         h = s["heldout"]
@@ -49,7 +53,7 @@ def headline(manifest: dict) -> list[str]:
                 f"- {s['tokens_per_s']:,.0f} tokens/s, {s['n_params']:,} parameters, {s['seconds']:.0f} s"]
     if stage == "evaluate":
         return [
-            *_table([("model", f"{s['val_loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
+            *_table([("model", f"{s['loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
                      ("unigram (val tokens' own entropy)", f"{s['unigram_entropy']:.4f}",
                       f"{s['unigram_bits_per_byte']:.4f}")],
                     ("validation", "loss (nats/token)", "bits per byte")),

@@ -11,6 +11,7 @@ import importlib
 import inspect
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -51,13 +52,14 @@ class Stage:
 
 
 def partitions(folder: Path) -> list[Path]:
-    return sorted(folder.glob("part-*.parquet"))
+    """A document stage's kept partitions (its dropped ones are in rejected/)."""
+    return sorted((folder / "docs").glob("part-*.parquet"))
 
 
 def _map_docs(ctx: StageContext, input_stage: str, step, **step_cfg) -> dict:
     parts = partitions(ctx.inputs[input_stage])
-    results = map_partitions(ctx.cfg["dask"], process_partition, parts,
-                             step=step, out_dir=ctx.out, **step_cfg)
+    results = map_partitions(ctx.cfg["dask"], partial(process_partition, step), parts,
+                             out_dir=ctx.out, **step_cfg)
     return merge_stats(results)
 
 
@@ -78,13 +80,13 @@ def build_source(ctx: StageContext) -> dict:
     if src["kind"] == "pydoc":
         docs = sources.pydoc_documents(limit=src["pydoc_limit"] or None, skipped=skipped)
     else:
-        docs = sources.path_documents(src["path"])
-    stats = sources.write_partitions(docs, ctx.out, src["docs_per_partition"])
-    if src["kind"] == "pydoc":
-        stats.update(python=sources.pydoc_info(), skipped_modules=skipped)
-    else:
-        stats["path"] = str(Path(src["path"]).resolve())
-    return stats
+        docs = sources.path_documents(src["path"], skipped=skipped)
+    stats = sources.write_partitions(docs, ctx.out / "docs", src["docs_per_partition"])
+    if not stats["docs"]:
+        raise ValueError(f"source: no documents read from {src['kind']} {src['path']}")
+    origin = {"python": sources.pydoc_info()} if src["kind"] == "pydoc" else \
+        {"path": str(Path(src["path"]).resolve())}
+    return {**stats, **origin, "skipped": skipped}
 
 
 # -- document stages ---------------------------------------------------------------

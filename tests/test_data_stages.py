@@ -34,7 +34,7 @@ def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
                               toxicity_threshold=0.8, **LENGTHS)
     assert stats["docs_in"] == 4 and stats["docs_out"] == 1
     assert stats["reasons"] == {"too_few_chars": 1, "too_many_chars": 1, "toxic": 1}
-    kept = pq.read_table(out / "part-00000.parquet").to_pylist()
+    kept = pq.read_table(out / "docs" / "part-00000.parquet").to_pylist()
     assert kept[0]["id"] == "d1" and kept[0]["toxicity"] < 0.8 and kept[0]["n_chars"] == len(PROSE)
     rejected = {r["id"]: r for r in pq.read_table(out / "rejected" / "part-00000.parquet").to_pylist()}
     assert rejected["d3"]["reason"] == "toxic" and rejected["d3"]["toxicity"] >= 0.8

@@ -62,6 +62,7 @@ def corrupt(path, offset, value):
     (lambda p: corrupt(p, 4, 7), "version"),
     (lambda p: corrupt(p, 8, 101), "bytes"),  # count disagrees with size
     (lambda p: p.write_bytes(p.read_bytes()[:-3]), "bytes"),  # truncated tokens
+    (lambda p: p.write_bytes(p.read_bytes() + b"\0\0"), "bytes"),  # trailing garbage
     (lambda p: p.write_bytes(p.read_bytes()[:500]), "header"),  # truncated header
     (lambda p: corrupt(p, 4, 2), "bytes"),  # uint32 claimed for uint16 data
 ])

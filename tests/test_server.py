@@ -1,0 +1,57 @@
+"""`c2m up` / `c2m down`: a real Prefect server and serve process, then nothing left."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+C2M = str(Path(sys.executable).with_name("c2m"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_path):
+    port = free_port()
+    env = {**os.environ, "C2M_STATE": str(tmp_path / "state"), "C2M_PORT": str(port)}
+    for key in ("PREFECT_HOME", "PREFECT_API_URL"):
+        env.pop(key, None)
+
+    def c2m(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([C2M, *args], env=env, capture_output=True, text=True, timeout=180)
+
+    try:
+        assert c2m("up").returncode == 0
+        status = json.loads(c2m("status").stdout)
+        assert status["healthy"] and status["api"] == f"http://127.0.0.1:{port}/api"
+        pids = [status["server_pid"], status["serve_pid"]]
+        assert all(pids)
+        names = {"demo", "wcxb"}
+        for name in names:
+            url = f"http://127.0.0.1:{port}/api/deployments/name/corpus-to-model/{name}"
+            with urllib.request.urlopen(url, timeout=5) as r:
+                assert json.load(r)["parameters"]["config"] == f"configs/{name}.toml"
+        assert (tmp_path / "state" / "prefect").is_dir()  # Prefect state stays project-local
+        assert c2m("up").returncode == 0  # idempotent: nothing new started
+        assert json.loads(c2m("status").stdout)["server_pid"] == pids[0]
+    finally:
+        down = c2m("down")
+    assert down.returncode == 0
+    assert not any(alive(p) for p in pids)
+    status = json.loads(c2m("status").stdout)
+    assert not status["healthy"] and status["server_pid"] is None
