@@ -12,6 +12,8 @@ import click
 import typer
 
 from flows import server
+from flows.config import load_config
+from flows.stages import select_stages
 from flows.store import ArtifactStore
 
 server.configure()  # before anything imports prefect
@@ -34,12 +36,14 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 
 def _run_flow(config: str, overrides: list[str], stages: list[str] | None, from_stage: str | None,
               force: bool, pins: list[str]) -> dict:
-    server.start(log=lambda m: typer.echo(m, err=True))
-    from flows.flow import corpus_to_model
-
     sets = _pairs(overrides, "--set")
     if "source.path" in sets:  # relative to where the user typed it
         sets["source.path"] = str(Path(sets["source.path"]).resolve())
+    load_config(config, sets)  # a typo fails here, in one line, before any run starts
+    select_stages(stages, from_stage)
+    server.start(log=lambda m: typer.echo(m, err=True))
+    from flows.flow import corpus_to_model
+
     result = corpus_to_model(config=config, overrides=sets, stages=stages, from_stage=from_stage,
                              force=force, pins=_pairs(pins, "--pin"))
     typer.echo(json.dumps(result, indent=2))

@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 
 from flows import parallel, report
 from flows.config import load_config
-from flows.stages import ORDER, STAGES, StageContext
+from flows.stages import ORDER, STAGES, StageContext, select_stages
 from flows.store import ArtifactStore, content_version
 
 
@@ -101,19 +101,6 @@ def _stage_task(name: str):
 
 source, extract, normalize, filter_, dedup, tokenizer, shard, train, evaluate = (
     _stage_task(name) for name in ORDER)
-
-
-def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
-    chosen = list(stages or ORDER)
-    if from_stage:
-        chosen = ORDER[ORDER.index(_known(from_stage)):]
-    return [s for s in ORDER if s in {_known(s) for s in chosen}]
-
-
-def _known(stage: str) -> str:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(ORDER)}")
-    return stage
 
 
 @flow(name="corpus-to-model", log_prints=True)

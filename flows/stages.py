@@ -222,3 +222,16 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 ORDER = list(STAGES)
 DOCUMENT_STAGES = ("extract", "normalize", "filter", "dedup")
+
+
+def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:
+    chosen = list(stages or ORDER)
+    if from_stage:
+        chosen = ORDER[ORDER.index(_known(from_stage)):]
+    return [s for s in ORDER if s in {_known(s) for s in chosen}]
+
+
+def _known(stage: str) -> str:
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {', '.join(ORDER)}")
+    return stage
