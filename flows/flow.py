@@ -42,9 +42,11 @@ class Plan:
     pins: dict[str, str] = field(default_factory=dict)  # stage -> version to use as is
 
 
-def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref:
+def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
     log = get_run_logger()
     stage, store = STAGES[name], plan.store
+    if ORDER.index(name) > max(ORDER.index(s) for s in plan.stages):
+        return None  # downstream of everything this run builds: not part of it
     if name in plan.pins:
         version = store.resolve(name, plan.pins[name])
         log.info(f"{name}: pinned to {version}")
@@ -94,7 +96,7 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref:
 
 def _stage_task(name: str):
     @task(name=name, cache_policy=NONE, persist_result=False)
-    def stage_task(plan: Plan, **inputs: Ref) -> Ref:
+    def stage_task(plan: Plan, **inputs: Ref) -> Ref | None:
         return run_stage(name, plan, inputs)
     return stage_task
 
@@ -127,4 +129,4 @@ def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any]
     finally:
         parallel.shutdown()
     refs = (raw, extracted, normalized, filtered, deduped, tok, shards, model, scores)
-    return {r.stage: r.version for r in refs}
+    return {r.stage: r.version for r in refs if r is not None}

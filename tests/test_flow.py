@@ -100,6 +100,35 @@ def test_tokenizer_shards_model_and_metrics(first_run):
     assert metrics["samples"]
 
 
+def test_each_stage_publishes_its_report_to_prefect(first_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, _, versions = first_run
+    keys = [f"{stage}-report" for stage in ORDER]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    by_key = {a.key: a for a in found}
+    assert set(by_key) == set(keys)
+    assert "toxicity scorer: profanity-check" in by_key["filter-report"].data
+    assert by_key["evaluate-report"].description == f"evaluate {versions['evaluate']}"
+
+
+def test_an_existing_dask_cluster_can_run_the_stages(prefect_harness, tiny_corpus, tmp_path):
+    from dask.distributed import LocalCluster
+
+    from flows.flow import corpus_to_model
+
+    overrides = tiny_overrides(tiny_corpus, tmp_path / "artifacts")
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=None,
+                      local_directory=str(tmp_path / "dask")) as cluster:
+        versions = corpus_to_model(config="configs/demo.toml", stages=["source", "extract"],
+                                   overrides={**overrides, "dask.scheduler": cluster.scheduler_address})
+        assert cluster.scheduler_address  # still up: the flow closed its client, not the cluster
+    stats = ArtifactStore(tmp_path / "artifacts").manifest("extract", versions["extract"])["stats"]
+    assert stats["docs_in"] == 28 and stats["partitions"] == 4
+
+
 def test_second_run_is_all_cache_hits(first_run):
     from flows.flow import corpus_to_model
 
