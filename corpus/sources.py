@@ -21,6 +21,7 @@ import platform
 import re
 import subprocess
 import sys
+import sysconfig
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,9 +43,10 @@ PYDOC_EXCLUDED = frozenset({
     "lib2to3", "ensurepip", "venv", "pydoc_data", "__main__",
 })
 
-# Runs in a fresh interpreter: -P and no PYTHONPATH, so neither the working directory
-# nor the project shadows a stdlib module; -s, no user site-packages. Anything the
-# module prints on import goes to stderr; only the page reaches stdout.
+# Runs in a fresh interpreter in isolated mode (-I: no PYTHON* variables, no user
+# site-packages, the working directory not on sys.path), so neither the project nor
+# the user's setup shadows a stdlib module. Anything the module prints on import goes
+# to stderr; only the page reaches stdout.
 _RENDER_SCRIPT = r"""
 import os, sys
 out = os.fdopen(os.dup(1), "wb")
@@ -57,6 +59,11 @@ page = pydoc.html.page(pydoc.describe(module), pydoc.html.document(module, name)
 out.write(page.encode("utf-8", "backslashreplace"))
 out.flush()
 """
+
+
+# The interpreter behind any virtualenv: the pages (sys.executable, sys.path ...) then
+# read the same from every checkout on this machine.
+PYDOC_PYTHON = getattr(sys, "_base_executable", None) or sys.executable
 
 
 def default_pydoc_modules() -> list[str]:
@@ -72,7 +79,7 @@ def pydoc_info() -> dict:
     return {
         "python_version": platform.python_version(),
         "implementation": platform.python_implementation(),
-        "executable": sys.executable,
+        "stdlib": sysconfig.get_paths()["stdlib"],  # pages name files under it
         "platform": platform.platform(),
     }
 
@@ -81,9 +88,11 @@ _ADDRESS = re.compile(rb"(\bat(?: |&nbsp;)0x|\bhandle )[0-9a-fA-F]{6,16}\b")
 
 
 def _render_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env["PYTHONHASHSEED"] = "0"  # set reprs (frozenset constants ...) in a fixed order
-    return env
+    # A fixed, minimal environment: pydoc prints os.environ wherever it is data or a
+    # default argument (os.environ, cgi.FieldStorage), and the user's environment (paths,
+    # tokens, keys) must not become training data, nor make pages differ between runs.
+    return {"PATH": os.defpath, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+            "PYTHONHASHSEED": "0"}  # set reprs (frozenset constants ...) in a fixed order
 
 
 def render_module(name: str, timeout: float = 60) -> tuple[bytes | None, str | None]:
@@ -92,7 +101,7 @@ def render_module(name: str, timeout: float = 60) -> tuple[bytes | None, str | N
         return None, "excluded: side effects on import, or a GUI/test/packaging tool"
     try:
         proc = subprocess.run(
-            [sys.executable, "-P", "-s", "-W", "ignore", "-c", _RENDER_SCRIPT, name],
+            [PYDOC_PYTHON, "-I", "-W", "ignore", "-c", _RENDER_SCRIPT, name],
             stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout, env=_render_env())
     except subprocess.TimeoutExpired:
         return None, f"timed out after {timeout:g} s"

@@ -61,6 +61,17 @@ def test_pydoc_pages_are_reproducible():
     assert first == second and b" at 0x0&gt;" in first
 
 
+def test_pydoc_pages_never_carry_the_users_environment(monkeypatch):
+    # pydoc prints os.environ as data of `os`: a secret in the caller's environment
+    # would otherwise become training data
+    monkeypatch.setenv("C2M_CANARY_SECRET", "hunter2-do-not-train-on-me")
+    monkeypatch.setenv("PYTHONPATH", "/somewhere/else")
+    html, reason = render_module("os")
+    assert reason is None and b"environ" in html
+    assert b"hunter2-do-not-train-on-me" not in html and b"C2M_CANARY_SECRET" not in html
+    assert b"/somewhere/else" not in html
+
+
 def test_pydoc_module_printing_on_import_does_not_corrupt_the_page(tmp_path, monkeypatch):
     # `this` prints the Zen of Python on import; render it anyway (bypassing the
     # exclusion list) and check only the page reaches stdout
