@@ -87,8 +87,8 @@ def render(manifest: dict, out_dir: Path) -> str:
         lines += ["## Kept documents by length (characters)", ""]
         lines += _table([(f"{2 ** (int(b) - 1):,}-{2 ** int(b) - 1:,}", n)
                          for b, n in s["length_hist"].items()], ("characters", "documents"))
-        if _plot_lengths(s["length_hist"], out_dir / "lengths.png", manifest["stage"]):
-            lines += ["", "![lengths](lengths.png)"]
+        _plot_lengths(s["length_hist"], out_dir / "lengths.png", manifest["stage"])
+        lines += ["", "![lengths](lengths.png)"]
         lines += [""]
     if s.get("slowest_partitions"):
         lines += ["## Slowest partitions", ""]
@@ -102,7 +102,7 @@ def render(manifest: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _plot_lengths(hist: dict, path: Path, stage: str) -> bool:
+def _plot_lengths(hist: dict, path: Path, stage: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,4 +118,3 @@ def _plot_lengths(hist: dict, path: Path, stage: str) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    return True
