@@ -8,6 +8,7 @@ can write it to `rejected/` and check input = kept + rejected.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.parquet as pq
 
 EXAMPLES_PER_REASON = 3
 EXAMPLE_CHARS = 300
+SLOWEST_DOCS = 5
 READ_BATCH_ROWS = 256
 
 
@@ -103,18 +105,32 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
     # the count comes from the file, not from what the step chose to read
     n_in = open_partition(in_path).metadata.num_rows
     bytes_in = 0
+    last = started
+    sizes_in: Counter[int] = Counter()
 
     def counted(docs: Iterator[dict]) -> Iterator[dict]:
-        nonlocal bytes_in
-        for doc in docs:
-            bytes_in += _size(doc)
+        nonlocal bytes_in, last
+        for i, doc in enumerate(docs):
+            if i == 0:
+                last = time.perf_counter()  # a step's set-up (loading a model) is not a document's time
+            size = _size(doc)
+            bytes_in += size
+            sizes_in[size.bit_length()] += 1
             yield doc
 
     kept: list[dict] = []
     rejected: list[dict] = []
     reasons: Counter[str] = Counter()
     examples: dict[str, list[dict]] = {}
+    slowest: list[tuple[float, str, str]] = []  # a min-heap of the SLOWEST_DOCS slowest
     for item in step(counted(read_docs(in_path)), **step_config):
+        now = time.perf_counter()
+        doc = item.doc if isinstance(item, Rejected) else item
+        # time since the previous output: per document for streaming steps; a batching
+        # step's batch time lands on the first document of the batch
+        entry = (now - last, doc["id"], doc.get("source") or "")
+        (heapq.heappushpop if len(slowest) >= SLOWEST_DOCS else heapq.heappush)(slowest, entry)
+        last = now
         if isinstance(item, Rejected):
             reasons[item.reason] += 1
             unknown = set(item.details) - set(REJECTED_COLUMNS)
@@ -145,7 +161,9 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
         "docs_rejected": len(rejected),
         "bytes_in": bytes_in,
         "bytes_out": sum(len(d["text"].encode("utf-8")) for d in kept),
-        "length_hist": dict(Counter(d["n_chars"].bit_length() for d in kept)),
+        "size_hist_in": dict(sizes_in),
+        "size_hist_out": dict(Counter(len(d["text"].encode("utf-8")).bit_length() for d in kept)),
+        "slowest_docs": sorted(slowest, reverse=True),
         "reasons": dict(reasons),
         "examples": examples,
         "seconds": time.perf_counter() - started,
@@ -161,11 +179,13 @@ def _size(doc: dict) -> int:
 def merge_stats(parts: list[dict]) -> dict:
     """Sum per-partition stats into stage stats; keeps a few examples per reason."""
     reasons: Counter[str] = Counter()
-    length_hist: Counter[int] = Counter()
+    hist_in: Counter[int] = Counter()
+    hist_out: Counter[int] = Counter()
     examples: dict[str, list[dict]] = {}
     for p in parts:
         reasons.update(p["reasons"])
-        length_hist.update(p["length_hist"])
+        hist_in.update(p["size_hist_in"])
+        hist_out.update(p["size_hist_out"])
         for reason, exs in p["examples"].items():
             room = EXAMPLES_PER_REASON - len(examples.setdefault(reason, []))
             examples[reason].extend(exs[:max(room, 0)])
@@ -179,8 +199,11 @@ def merge_stats(parts: list[dict]) -> dict:
         "bytes_out": sum(p["bytes_out"] for p in parts),
         "rejected_by_reason": dict(reasons.most_common()),
         "rejected_examples": examples,
-        # kept documents by length: key b counts docs with 2**(b-1) <= n_chars < 2**b
-        "length_hist": {b: length_hist[b] for b in sorted(length_hist)},
+        # documents by UTF-8 size (raw HTML for pages not yet extracted), input and
+        # kept: key b counts documents with 2**(b-1) <= bytes < 2**b
+        "size_hist": {b: [hist_in[b], hist_out[b]] for b in sorted(hist_in | hist_out)},
+        "slowest_docs": [{"id": i, "source": src, "seconds": round(t, 4)} for t, i, src in
+                         heapq.nlargest(SLOWEST_DOCS, (d for p in parts for d in p["slowest_docs"]))],
         "partition_seconds": round(sum(p["seconds"] for p in parts), 3),
         "slowest_partitions": {p["partition"]: round(p["seconds"], 3) for p in slowest},
     }

@@ -83,16 +83,16 @@ def render(manifest: dict, out_dir: Path) -> str:
                 text = ex["text"].replace("\n", " ")
                 lines.append(f"- `{ex['source']}` {json.dumps(extra) if extra else ''}: {text}")
             lines.append("")
-    if s.get("length_hist"):
-        lines += ["## Kept documents by length (characters)", ""]
-        lines += _table([(f"{2 ** (int(b) - 1):,}-{2 ** int(b) - 1:,}", n)
-                         for b, n in s["length_hist"].items()], ("characters", "documents"))
-        _plot_lengths(s["length_hist"], out_dir / "lengths.png", manifest["stage"])
-        lines += ["", "![lengths](lengths.png)"]
-        lines += [""]
-    if s.get("slowest_partitions"):
-        lines += ["## Slowest partitions", ""]
-        lines += _table(list(s["slowest_partitions"].items()), ("partition", "seconds"))
+    if s.get("size_hist"):
+        lines += ["## Documents by size (UTF-8 bytes; raw HTML before extraction)", ""]
+        lines += _table([(f"{2 ** (int(b) - 1):,}-{2 ** int(b) - 1:,}", n_in, n_out)
+                         for b, (n_in, n_out) in s["size_hist"].items()], ("bytes", "in", "kept"))
+        _plot_sizes(s["size_hist"], out_dir / "sizes.png", manifest["stage"])
+        lines += ["", "![sizes](sizes.png)", ""]
+    if s.get("slowest_docs"):
+        lines += ["## Slowest documents", ""]
+        lines += _table([(f"`{d['source']}`", d["id"], f"{d['seconds']:.3f}") for d in s["slowest_docs"]],
+                        ("source", "id", "seconds"))
         lines += [""]
     if manifest["stage"] == "evaluate" and s.get("samples"):
         lines += ["## Samples", ""]
@@ -102,19 +102,22 @@ def render(manifest: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _plot_lengths(hist: dict, path: Path, stage: str) -> None:
+def _plot_sizes(hist: dict, path: Path, stage: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bins = [int(b) for b in hist]
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar([f"<{2 ** b:,}" for b in bins], list(hist.values()))
-    ax.set_xlabel("characters")
+    labels = [f"<{2 ** int(b):,}" for b in hist]
+    x = range(len(labels))
+    fig, ax = plt.subplots(figsize=(6.5, 3))
+    ax.bar([i - 0.2 for i in x], [v[0] for v in hist.values()], width=0.4, label="in")
+    ax.bar([i + 0.2 for i in x], [v[1] for v in hist.values()], width=0.4, label="kept")
+    ax.set_xticks(list(x), labels, rotation=60, fontsize=7)
+    ax.set_xlabel("UTF-8 bytes")
     ax.set_ylabel("documents")
-    ax.set_title(f"{stage}: kept documents by length")
-    ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+    ax.set_title(f"{stage}: documents by size")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

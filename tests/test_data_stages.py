@@ -118,3 +118,25 @@ def test_an_empty_split_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="val split is empty"):
         write_token_shards(iter([("only-one", PROSE)]), tok, tmp_path, shard_tokens=1000,
                            val_fraction=0.0)
+
+
+def test_partition_stats_name_the_slowest_documents_and_sizes(tmp_path):
+    import time
+
+    from corpus.documents import merge_stats
+
+    write_docs(docs("a" * 10, "b" * 100, "c" * 1000), tmp_path / "part-00000.parquet")
+
+    def slow_on_b(stream):
+        time.sleep(0.2)  # set-up before the first document is not charged to it
+        for doc in stream:
+            if doc["text"].startswith("b"):
+                time.sleep(0.05)
+            yield doc
+
+    stats = merge_stats([process_partition(slow_on_b, tmp_path / "part-00000.parquet", tmp_path)])
+    assert stats["slowest_docs"][0]["id"] == "d1"
+    assert stats["slowest_docs"][0]["seconds"] >= 0.05
+    assert max(d["seconds"] for d in stats["slowest_docs"][1:]) < 0.05
+    # 10 bytes -> bucket 4 (8-15), 100 -> 7 (64-127), 1000 -> 10 (512-1023); all kept
+    assert stats["size_hist"] == {4: [1, 1], 7: [1, 1], 10: [1, 1]}
