@@ -113,6 +113,19 @@ def demo(root: str = ROOT_OPTION):
     typer.echo(f"server: http://{server.HOST}:{server.PORT} (stop it with `c2m down`)")
 
 
+@app.command("fetch-detoxify")
+def fetch_detoxify(model: str = typer.Argument("original", help="original | unbiased | multilingual")):
+    """Download detoxify's weights and config (needs internet) to where `auto` finds them."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
+    code = subprocess.call([sys.executable, "-m", "corpus.toxicity", model], env=env)
+    if code != 0:
+        raise RuntimeError(
+            f"fetching detoxify {model} failed (see above). It needs internet: run "
+            "`c2m fetch-detoxify` on a machine that has it, then copy the checkpoint and the "
+            "config folder it prints to the same paths here, or point filter.detoxify_checkpoint "
+            "and filter.detoxify_config_dir at them.")
+
+
 @app.command()
 def ls(stage: Optional[str] = typer.Argument(None), root: str = ROOT_OPTION):
     """List stages, or the versions of one stage (newest last; * = LATEST)."""

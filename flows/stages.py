@@ -116,7 +116,7 @@ def scorer_identity(cfg: dict) -> dict:
 def _scorer_args(f: dict) -> dict:
     return {"detoxify_model": f["detoxify_model"], "checkpoint": f["detoxify_checkpoint"],
             "config_dir": f["detoxify_config_dir"], "max_tokens": f["toxicity_max_tokens"],
-            "batch_size": f["toxicity_batch_size"]}
+            "batch_size": f["toxicity_batch_size"], "int8": f["toxicity_int8"]}
 
 
 def build_filter(ctx: StageContext) -> dict:

@@ -150,6 +150,49 @@ def test_auto_finds_default_checkpoint_and_env_config_dir(tiny, tmp_path, monkey
     assert scorer.name == "detoxify" and ckpt.name in scorer.model
 
 
+def test_auto_finds_what_fetch_detoxify_saves(tiny, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from corpus.toxicity import default_config_dir
+
+    ckpt, config_dir = tiny
+    monkeypatch.delenv("C2M_DETOXIFY_CONFIG_DIR", raising=False)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "hub" / "checkpoints" / ckpt.name).symlink_to(ckpt)
+    shutil.copytree(config_dir, default_config_dir("original"))  # the layout fetch_detoxify writes
+    assert default_config_dir("original") == tmp_path / "hub" / "detoxify-config" / "original"
+    assert load_scorer("auto").name == "detoxify"
+
+
+def test_detoxify_int8_stays_close_to_fp32(tiny):
+    ckpt, config_dir = tiny
+    fp32 = load_scorer("detoxify", checkpoint=str(ckpt), config_dir=str(config_dir))
+    int8 = load_scorer("detoxify", checkpoint=str(ckpt), config_dir=str(config_dir), int8=True)
+    assert "int8" in int8.model and "int8" not in fp32.model
+    import torch
+
+    modules = list(int8.detox.model.modules())
+    assert not any(type(m) is torch.nn.Linear for m in modules)
+    assert any(type(m) is torch.ao.nn.quantized.dynamic.Linear for m in modules)
+    texts = SENTENCES + ["idiot " * 3, "fox"]
+    assert int8.score(texts) == pytest.approx(fp32.score(texts), abs=0.05)
+
+
+def test_fetch_without_network_fails_in_one_clear_line():
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.run([sys.executable, "-m", "corpus.toxicity", "nonexistent-model"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("could not fetch detoxify nonexistent-model")
+    assert "Traceback" not in proc.stderr
+
+
 def test_profanity_check_separates_offensive_tweets():
     from sklearn.metrics import roc_auc_score
 
