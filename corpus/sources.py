@@ -6,12 +6,14 @@ bytes, None when the input gave text) and `text` (str, None when html was given)
 
 - `pydoc_documents` / `render_pydoc`: the demo corpus, the standard library's pydoc
   HTML rendered on this machine, one subprocess per module.
-- `path_documents`: a folder of HTML files, or JSONL / Parquet files of records.
+- `path_documents`: a folder of HTML files, JSONL / Parquet files of records, or WARC
+  files (as Common Crawl publishes them: HTML `response` records, see `_warc_file`).
 - `write_partitions`: stream documents into `part-NNNNN.parquet` partitions.
 """
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import json
@@ -23,12 +25,16 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections import deque
+import zlib
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
+from warcio.archiveiterator import ArchiveIterator
+from warcio.exceptions import ArchiveLoadFailed
+from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
 from corpus.documents import doc_id, write_docs
 
@@ -200,7 +206,8 @@ def render_pydoc(modules: list[str] | None = None, limit: int | None = None,
 
 HTML_SUFFIXES = (".html", ".htm", ".html.gz", ".htm.gz")
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-SUPPORTED = ", ".join(HTML_SUFFIXES + RECORD_SUFFIXES)
+WARC_SUFFIXES = (".warc", ".warc.gz")
+SUPPORTED = ", ".join(HTML_SUFFIXES + RECORD_SUFFIXES + WARC_SUFFIXES)
 PARQUET_BATCH_ROWS = 256
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
@@ -213,6 +220,8 @@ def _kind(path: Path) -> str | None:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(WARC_SUFFIXES):
+        return "warc"
     return None
 
 
@@ -294,17 +303,256 @@ def _parquet_file(path: Path, rel: str) -> Iterator[dict]:
             row += 1
 
 
-_READERS = {"html": _html_file, "jsonl": _jsonl_file, "parquet": _parquet_file}
+# ----------------------------------------------------------------------------- WARC
+
+HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+# Records that never hold a document: not counted as skipped.
+WARC_NON_DOCUMENT_TYPES = frozenset({"warcinfo", "request", "metadata"})
+WARC_CHUNK = 1 << 16
+MAX_DECODED_BYTES = 64 << 20  # a compressed body inflating past this is skipped
+_HTTP_PARSER = StatusAndHeadersParser(["HTTP/1.0", "HTTP/1.1", "HTTP/2", "HTTP/2.0"])
+_CHARSET = re.compile(r"""charset\s*=\s*["']?([^\s;"',]+)""", re.IGNORECASE)
+# skipped reasons, counted per WARC file as {"<file>: <reason>": count}
+SKIP_REVISIT = "revisit records (no payload)"
+SKIP_NOT_HTTP = "non-HTTP responses"
+SKIP_STATUS = "non-200 responses"
+SKIP_NOT_HTML = "non-HTML responses"
+SKIP_ENCODING = "responses with an undecodable Content-Encoding or chunked body"
+SKIP_DUPLICATE = "repeated URLs (first capture kept)"
 
 
-def path_documents(path: str | Path, skipped: dict[str, str] | None = None) -> Iterator[dict]:
+def http_charset(content_type: str | None) -> str | None:
+    """The charset parameter of a Content-Type header, lowercased, or None."""
+    match = _CHARSET.search(content_type or "")
+    return match.group(1).lower() if match else None
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def _dechunk(body: bytes) -> bytes:
+    """Undo `Transfer-Encoding: chunked`. A body that doesn't start with a chunk
+    header is returned as it is (servers send that header with plain bodies); one cut
+    off mid-chunk (WARC-Truncated) keeps what is there. Raises ValueError if malformed."""
+    out, pos = [], 0
+    while True:
+        eol = body.find(b"\n", pos)
+        line = (body[pos:] if eol < 0 else body[pos:eol]).split(b";", 1)[0].strip()
+        try:
+            size = int(line, 16)
+        except ValueError:
+            if pos == 0:
+                return body
+            if eol < 0 and not line:
+                return b"".join(out)  # truncated after a chunk
+            raise ValueError(f"bad chunk header {line[:20]!r} at byte {pos}") from None
+        if size == 0 or eol < 0:
+            return b"".join(out)
+        out.append(body[eol + 1:eol + 1 + size])
+        pos = eol + 1 + size
+        if body[pos:pos + 2] == b"\r\n":
+            pos += 2
+        elif body[pos:pos + 1] == b"\n":
+            pos += 1
+        elif pos < len(body):
+            raise ValueError(f"chunk of {size} bytes not followed by CRLF")
+
+
+def _decompress(data: bytes, encoding: str) -> bytes:
+    if encoding in ("gzip", "x-gzip"):
+        obj = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    elif encoding == "deflate":  # zlib-wrapped as the RFC says, or raw as some servers send
+        obj = zlib.decompressobj(wbits=zlib.MAX_WBITS if data[:1] == b"\x78"
+                                 else -zlib.MAX_WBITS)
+    elif encoding == "br":
+        try:
+            import brotli
+        except ImportError:
+            raise ValueError("Content-Encoding br needs the brotli package") from None
+        return brotli.decompress(data)
+    else:
+        raise ValueError(f"unsupported Content-Encoding {encoding!r}")
+    # a stream cut short (WARC-Truncated) gives what it holds; corrupt data raises
+    out = obj.decompress(data, MAX_DECODED_BYTES)
+    if obj.unconsumed_tail:
+        raise ValueError(f"{encoding} body inflates to more than {MAX_DECODED_BYTES} bytes")
+    return out
+
+
+def decode_http_body(body: bytes, transfer_encoding: str | None,
+                     content_encoding: str | None) -> bytes:
+    """The payload as the server meant it: chunked transfer coding undone, then the
+    content codings (gzip, x-gzip, deflate, br, identity) in reverse order. Raises
+    ValueError (or zlib.error) for a body it can't decode."""
+    if transfer_encoding and "chunked" in transfer_encoding.lower():
+        body = _dechunk(body)
+    codings = [c.strip().lower() for c in (content_encoding or "").split(",")]
+    for coding in reversed([c for c in codings if c and c != "identity"]):
+        body = _decompress(body, coding)
+    return body
+
+
+class _BadRecord(Exception):
+    """A record cut short or broken: says what, to follow 'WARC record N (at byte X)'."""
+
+
+def _short(limit_reader) -> _BadRecord:
+    return _BadRecord(f"is truncated, {limit_reader.limit} bytes short of its "
+                      "Content-Length")
+
+
+def _read_all(limit_reader) -> bytes:
+    data = limit_reader.read()
+    if getattr(limit_reader, "limit", 0):
+        raise _short(limit_reader)
+    return data
+
+
+def _drain(limit_reader) -> None:
+    while limit_reader.read(WARC_CHUNK):
+        pass
+    if getattr(limit_reader, "limit", 0):
+        raise _short(limit_reader)
+
+
+def _warc_file(path: Path, rel: str, skipped: dict[str, str | int] | None = None,
+               seen: set[str] | None = None) -> Iterator[dict]:
+    """HTML documents from a WARC file (.warc, or .warc.gz compressed per record as
+    Common Crawl publishes them): `response` records of http(s) URLs with status 200
+    and an HTML Content-Type (text/html, application/xhtml+xml; the HTTP header, else
+    WARC-Identified-Payload-Type). Each document: id = doc_id(url), source = url =
+    WARC-Target-URI, fetch_date = WARC-Date (ISO 8601, as written), http_charset (of
+    the HTTP Content-Type, lowercased, or None), html = the payload bytes with
+    transfer/content codings undone but the charset not decoded, text None.
+
+    Other records are counted, not listed, into `skipped` as {"<rel>: <reason>": n}:
+    revisits, non-HTTP, non-200, non-HTML, undecodable bodies, and URLs already in
+    `seen` (ids are unique: the first capture of a URL wins; `seen` spans the files
+    of one `path_documents` call). warcinfo/request/metadata records are not counted.
+
+    A truncated or corrupt file raises ValueError naming the file, the record number
+    and its byte offset (warcio can't resume after a broken record: its gzip reader
+    loses its place, and a short record may be the last one)."""
+    counts: Counter[str] = Counter()
+    seen = set() if seen is None else seen
+    number, records = 0, None
+    try:
+        with open(path, "rb") as f:
+            records = ArchiveIterator(f, no_record_parse=True)
+            while True:
+                number += 1  # the record being read, for errors
+                try:
+                    record = next(records)
+                except StopIteration:
+                    break
+                if record.length is None:
+                    raise _BadRecord("is truncated or corrupt: its header has no "
+                                     "Content-Length")
+                doc = _warc_document(record, counts, seen)
+                if doc is not None:
+                    yield doc
+    except _BadRecord as exc:
+        raise ValueError(
+            f"{path}: WARC record {number} (at byte {_offset(records)}) {exc}; the file "
+            "is incomplete or corrupt: download it again, or remove it from the input"
+        ) from None
+    except (ArchiveLoadFailed, StatusAndHeadersParserException, ValueError, OSError,
+            EOFError, zlib.error) as exc:
+        raise ValueError(
+            f"{path}: not a readable WARC file: WARC record {number} (at byte "
+            f"{_offset(records)}): {_brief(exc)}; the file is corrupt or not a WARC: "
+            "download it again, or remove it from the input (a .warc.gz must be gzipped "
+            "per record: `warcio recompress` fixes one gzipped whole)") from exc
+    finally:
+        if skipped is not None:
+            for reason, n in counts.items():
+                skipped[f"{rel}: {reason}"] = n
+
+
+def _offset(records) -> int:
+    """Where the record being read starts (in the compressed file for .warc.gz)."""
+    return getattr(records, "offset", 0) or 0
+
+
+def _brief(exc: Exception) -> str:
+    """An exception's message on one short line: warcio quotes the bytes it choked on."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = text.encode("unicode_escape").decode("ascii")
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
+def _warc_document(record, counts: Counter, seen: set[str]) -> dict | None:
+    """One WARC record's document, or None (counted into `counts` if it was a
+    capture). Reads the record to its end either way; raises _BadRecord if it is short."""
+    raw = record.raw_stream
+    kind = record.rec_type
+    url = record.rec_headers.get_header("WARC-Target-URI") or ""
+    if kind != "response":
+        if kind == "revisit":
+            counts[SKIP_REVISIT] += 1
+        elif kind not in WARC_NON_DOCUMENT_TYPES:
+            counts[f"{kind} records"] += 1
+        _drain(raw)
+        return None
+    if not url.lower().startswith(("http://", "https://")):
+        counts[SKIP_NOT_HTTP] += 1
+        _drain(raw)
+        return None
+    try:
+        http = _HTTP_PARSER.parse(raw)
+    except (StatusAndHeadersParserException, EOFError):
+        counts[SKIP_NOT_HTTP] += 1
+        _drain(raw)
+        return None
+    if http.get_statuscode() != "200":
+        counts[SKIP_STATUS] += 1
+        _drain(raw)
+        return None
+    content_type = http.get_header("Content-Type")
+    media = _media_type(content_type) or _media_type(
+        record.rec_headers.get_header("WARC-Identified-Payload-Type"))
+    if media not in HTML_TYPES:
+        counts[SKIP_NOT_HTML] += 1
+        _drain(raw)
+        return None
+    body = _read_all(raw)
+    try:
+        html = decode_http_body(body, http.get_header("Transfer-Encoding"),
+                                http.get_header("Content-Encoding"))
+    except Exception as exc:  # noqa: BLE001 - zlib.error, ValueError, brotli.error ...
+        log.debug("%s: undecodable body (%s)", url, exc)
+        counts[SKIP_ENCODING] += 1
+        return None
+    id_ = doc_id(url)
+    if id_ in seen:
+        counts[SKIP_DUPLICATE] += 1
+        return None
+    seen.add(id_)
+    return {"id": id_, "source": url, "html": html, "text": None, "url": url,
+            "fetch_date": record.rec_headers.get_header("WARC-Date"),
+            "http_charset": http_charset(content_type)}
+
+
+_READERS = {"html": _html_file, "jsonl": _jsonl_file, "parquet": _parquet_file,
+            "warc": _warc_file}
+
+
+def path_documents(path: str | Path,
+                   skipped: dict[str, str | int] | None = None) -> Iterator[dict]:
     """Raw documents from a folder (searched recursively, in sorted order) of
-    .html/.htm/.html.gz files and/or .jsonl/.jsonl.gz/.parquet files of records with
-    an `html` or `text` field (optional `id`, `url`/`source`), or from one such file.
-    `source` is the path relative to the folder given (the file name for a single
-    file) or the record's url/source. Files of other types in a folder are logged as
-    warnings and, if `skipped` is a dict, listed there {relative path: reason}.
+    .html/.htm/.html.gz files, .jsonl/.jsonl.gz/.parquet files of records with an
+    `html` or `text` field (optional `id`, `url`/`source`) and/or .warc/.warc.gz files,
+    or from one such file. `source` is the path relative to the folder given (the file
+    name for a single file), the record's url/source, or a WARC record's target URI.
+    WARC documents also carry `url`, `fetch_date` and `http_charset` (see `_warc_file`).
+    Files of other types in a folder are logged as warnings and, if `skipped` is a
+    dict, listed there {relative path: reason}; WARC records not read are counted
+    there {"<relative path>: <reason>": count}.
     Raises ValueError, naming the file, for anything it cannot read."""
+    seen_urls: set[str] = set()  # WARC captures: the first of a URL wins, in all files
+    readers = {**_READERS,
+               "warc": functools.partial(_warc_file, skipped=skipped, seen=seen_urls)}
     root = Path(path)
     if not root.exists():
         raise ValueError(f"{root}: no such file or folder; give a folder of HTML files "
@@ -314,7 +562,7 @@ def path_documents(path: str | Path, skipped: dict[str, str] | None = None) -> I
         if kind is None:
             raise ValueError(f"{root}: unsupported file type; supported: {SUPPORTED} "
                              "(or give the folder that holds them)")
-        yield from _READERS[kind](root, root.name)
+        yield from readers[kind](root, root.name)
         return
     files = sorted((f for f in root.rglob("*") if f.is_file()),
                    key=lambda f: f.relative_to(root).as_posix())
@@ -333,7 +581,7 @@ def path_documents(path: str | Path, skipped: dict[str, str] | None = None) -> I
                 skipped[f.relative_to(root).as_posix()] = f"unsupported file type ({SUPPORTED})"
     for f, kind in supported:
         if kind is not None:
-            yield from _READERS[kind](f, f.relative_to(root).as_posix())
+            yield from readers[kind](f, f.relative_to(root).as_posix())
 
 
 def input_files(path: str | Path) -> list[tuple[Path, str]]:
@@ -369,6 +617,11 @@ def fingerprint(path: str | Path) -> dict:
 
 
 # ------------------------------------------------------------------------ partitions
+
+# Every raw partition has these columns, whatever mix of inputs it came from (None
+# where an input has no such field: an HTML file has no fetch date).
+RAW_COLUMNS = ("id", "source", "html", "text", "url", "fetch_date", "http_charset")
+
 
 def partition_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
@@ -406,10 +659,10 @@ def write_partitions(docs: Iterable[dict], out_dir: str | Path,
         n_docs += 1
         batch.append(doc)
         if len(batch) == docs_per_partition:
-            write_docs(batch, out / partition_name(n_parts))
+            write_docs(batch, out / partition_name(n_parts), columns=RAW_COLUMNS)
             n_parts += 1
             batch = []
     if batch:
-        write_docs(batch, out / partition_name(n_parts))
+        write_docs(batch, out / partition_name(n_parts), columns=RAW_COLUMNS)
         n_parts += 1
     return {"docs": n_docs, "partitions": n_parts, "bytes": n_bytes}

@@ -38,8 +38,9 @@ def headline(manifest: dict) -> list[str]:
         else:
             lines.append(f"- read from {s['path']}")
         if s["skipped"]:
-            lines.append(f"- skipped {len(s['skipped'])}: " + ", ".join(
-                f"{k} ({v})" for k, v in list(s["skipped"].items())[:10]))
+            lines.append("- skipped: " + ", ".join(
+                f"{k} ({v})" for k, v in list(s["skipped"].items())[:10])
+                + (f", and {len(s['skipped']) - 10} more" if len(s["skipped"]) > 10 else ""))
         return lines
     if stage == "tokenizer":
         h = s["heldout"]

@@ -76,7 +76,7 @@ def source_identity(cfg: dict) -> dict:
 
 def build_source(ctx: StageContext) -> dict:
     src = ctx.cfg["source"]
-    skipped: dict[str, str] = {}
+    skipped: dict[str, str | int] = {}  # {module or file: reason} or {file: reason: count}
     if src["kind"] == "pydoc":
         docs = sources.pydoc_documents(limit=src["pydoc_limit"] or None, skipped=skipped)
     else:
