@@ -74,13 +74,14 @@ COLUMN_TYPES = {
     "id": pa.string(), "source": pa.string(), "text": pa.string(), "html": pa.binary(),
     "n_chars": pa.int64(), "reason": pa.string(), "error": pa.string(),
     "toxicity": pa.float64(), "duplicate_of": pa.string(), "normalized_changed": pa.bool_(),
-    "normalize_fixes": pa.list_(pa.string()), "value": pa.float64(),
+    "normalize_fixes": pa.list_(pa.string()), "value": pa.float64(), "similarity": pa.float64(),
+    "language": pa.string(), "language_score": pa.float64(),
     # raw documents read from WARC files
     "url": pa.string(), "fetch_date": pa.string(), "http_charset": pa.string(),
 }
 # Every rejected/ file has these columns, whichever reasons it holds.
-REJECTED_COLUMNS = ("id", "source", "text", "reason", "error", "toxicity", "duplicate_of", "similarity",
-                    "value")
+REJECTED_COLUMNS = ("id", "source", "text", "reason", "error", "value", "language", "toxicity",
+                    "duplicate_of", "similarity")
 
 
 def write_docs(rows: list[dict], path: str | Path, columns: Iterable[str] | None = None) -> None:

@@ -19,6 +19,7 @@ from corpus import dedup, sources, tokenizer, toxicity
 from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts
 from corpus.extract import extract
 from corpus.filter import filter_docs
+from corpus.language import load_language_model
 from corpus.normalize import normalize
 from corpus.shard import write_token_shards
 from flows.parallel import map_partitions
@@ -106,11 +107,14 @@ def build_normalize(ctx: StageContext) -> dict:
     return {**stats, "docs_changed": changed, "fixes": fixes}
 
 
-def scorer_identity(cfg: dict) -> dict:
-    """Which scorer will really run: `auto` depends on what is installed here."""
+def filter_identity(cfg: dict) -> dict:
+    """Which models will really run: `auto` and the bundled language model depend on
+    what is installed here."""
     f = cfg["filter"]
     scorer = toxicity.load_scorer(f["toxicity"], **_scorer_args(f))
-    return {"scorer": None if scorer is None else {"name": scorer.name, "model": scorer.model}}
+    lid = load_language_model(f["language_model"])
+    return {"scorer": None if scorer is None else {"name": scorer.name, "model": scorer.model},
+            "language_model": lid.name if lid else None}
 
 
 def _scorer_args(f: dict) -> dict:
@@ -121,7 +125,8 @@ def _scorer_args(f: dict) -> dict:
 
 def build_filter(ctx: StageContext) -> dict:
     f = ctx.cfg["filter"]
-    scorer = scorer_identity(ctx.cfg)["scorer"]
+    identity = filter_identity(ctx.cfg)
+    scorer = identity["scorer"]
     note = ""
     if f["toxicity"] == "auto" and scorer and scorer["name"] != "detoxify":
         try:
@@ -130,28 +135,46 @@ def build_filter(ctx: StageContext) -> dict:
             note = f"auto fell back from detoxify: {exc}"
     stats = _map_docs(
         ctx, "normalize", filter_docs,
+        min_chars=f["min_chars"], max_chars=f["max_chars"], min_words=f["min_words"],
+        max_words=f["max_words"], quality=ctx.cfg["quality"], languages=f["languages"],
+        language_min_score=f["language_min_score"], language_model=f["language_model"],
         # workers run the scorer the driver resolved, never their own `auto` choice
         scorer_kind=scorer["name"] if scorer else "off", scorer_args=_scorer_args(f),
-        toxicity_threshold=f["toxicity_threshold"], min_chars=f["min_chars"],
-        max_chars=f["max_chars"], min_words=f["min_words"], max_words=f["max_words"])
+        toxicity_threshold=f["toxicity_threshold"])
+    languages: dict[str, int] = {}
+    for part in partitions(ctx.out):
+        for row in read_docs(part, ["language"] if identity["language_model"] else ["id"]):
+            lang = row.get("language") or "unidentified"
+            languages[lang] = languages.get(lang, 0) + 1
     return {**stats, "toxicity_scorer": scorer["name"] if scorer else "off",
             "toxicity_model": scorer["model"] if scorer else None,
-            "toxicity_threshold": f["toxicity_threshold"], "toxicity_note": note}
+            "toxicity_threshold": f["toxicity_threshold"], "toxicity_note": note,
+            "language_model": identity["language_model"],
+            "kept_languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]))}
 
 
 def build_dedup(ctx: StageContext) -> dict:
+    d, dask_cfg = ctx.cfg["dedup"], ctx.cfg["dask"]
     parts = partitions(ctx.inputs["filter"])
-    hashes = map_partitions(ctx.cfg["dask"], dedup.partition_hashes, parts)
-    duplicates = dedup.exact_duplicates(pair for part in hashes for pair in part)
-    per_part = [{id_: duplicates[id_] for id_, _ in part if id_ in duplicates} for part in hashes]
-    results = map_partitions(ctx.cfg["dask"], _dedup_partition, list(zip(parts, per_part)),
-                             out_dir=ctx.out)
-    return merge_stats(results)
+    hashes = map_partitions(dask_cfg, dedup.partition_hashes, parts)
+    part_ids = [[id_ for id_, _ in part] for part in hashes]
+    exact = dedup.exact_duplicates(pair for part in hashes for pair in part)
+    near: dict[str, tuple[str, float]] = {}
+    if d["near"]:
+        near_cfg = {k: d[k] for k in ("bands", "rows", "ngram", "seed", "threshold")}
+        signatures = map_partitions(dask_cfg, partial(dedup.partition_signatures, **near_cfg), parts)
+        near = dedup.near_duplicate_map(signatures, **near_cfg)
+    # a copy of a document that is itself a near duplicate points at the one kept
+    exact = {id_: near[kept][0] if kept in near else kept for id_, kept in exact.items()}
+    shares = zip(parts, dedup.split_by_partition(exact, part_ids),
+                 dedup.split_by_partition(near, part_ids))
+    return merge_stats(map_partitions(dask_cfg, _dedup_partition, list(shares), out_dir=ctx.out))
 
 
-def _dedup_partition(item: tuple[Path, dict], out_dir: Path) -> dict:
-    path, duplicates = item
-    return process_partition(dedup.drop_duplicates, path, out_dir, duplicates=duplicates)
+def _dedup_partition(item: tuple[Path, dict, dict], out_dir: Path) -> dict:
+    path, exact, near = item
+    return process_partition(dedup.drop_exact_and_near_duplicates, path, out_dir,
+                             exact=exact, near=near)
 
 
 # -- tokenizer and shards ----------------------------------------------------------
@@ -211,8 +234,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("extract", ("source",), ("extract",), ("corpus.extract", "corpus.documents"), build_extract),
     Stage("normalize", ("extract",), ("normalize",), ("corpus.normalize", "corpus.documents"),
           build_normalize),
-    Stage("filter", ("normalize",), ("filter",), ("corpus.filter", "corpus.toxicity", "corpus.documents"),
-          build_filter, identity=scorer_identity),
+    Stage("filter", ("normalize",), ("filter", "quality"),
+          ("corpus.filter", "corpus.quality", "corpus.language", "corpus.toxicity", "corpus.documents"),
+          build_filter, identity=filter_identity),
     Stage("dedup", ("filter",), ("dedup",), ("corpus.dedup", "corpus.documents"), build_dedup),
     Stage("tokenizer", ("dedup",), ("tokenizer", "split"), ("corpus.tokenizer",), build_tokenizer),
     Stage("shard", ("dedup", "tokenizer"), ("shard", "split"), ("corpus.shard", "trainer.data"), build_shard),

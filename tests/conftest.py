@@ -45,13 +45,17 @@ def offensive_tweets(n: int) -> list[str]:
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
-    """A folder of HTML like a small crawl: 24 real WCXB pages, one exact duplicate of
-    one of them, a page of mojibake, a page too short to keep, an offensive page."""
+    """A folder of HTML like a small crawl: 24 real WCXB pages, an exact and an edited
+    copy of two of them, a page of mojibake, a page too short to keep, an offensive page."""
     root = tmp_path_factory.mktemp("tiny-corpus")
     pages = sorted(shared("wcxb-dev", "html").glob("*.html.gz"))[:24]
     for page in pages:
         shutil.copy(page, root / page.name)
     shutil.copy(pages[3], root / "copy-of-page-3.html.gz")  # same bytes, another URL
+    html = gzip.decompress(pages[5].read_bytes()).replace(  # an edit inside the article
+        b"Rocket Languages gets most things right.",
+        b"Rocket Languages, this copy says, gets most things right.", 1)
+    (root / "edited-copy-of-page-5.html.gz").write_bytes(gzip.compress(html))
     (root / "mojibake.html").write_text(
         "<html><body><article>" + "".join(f"<p>{MOJIBAKE} Paragraph {i} tells more.</p>"
                                           for i in range(12)) + "</article></body></html>")

@@ -22,6 +22,8 @@ def docs(*texts: str) -> list[dict]:
 
 
 LENGTHS = dict(min_chars=20, max_chars=2000, min_words=5, max_words=300)
+QUALITY_OFF = {f"{group}_enabled": False for group in ("gopher_quality", "gopher_repetition", "c4", "fineweb")}
+NO_LANGUAGE = dict(languages=[], language_min_score=0.65, language_model="")
 
 
 def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
@@ -31,7 +33,7 @@ def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
     out.mkdir()
     stats = process_partition(filter_docs, tmp_path / "part-00000.parquet", out,
                               scorer_kind="profanity-check", scorer_args={},
-                              toxicity_threshold=0.8, **LENGTHS)
+                              toxicity_threshold=0.8, quality=QUALITY_OFF, **NO_LANGUAGE, **LENGTHS)
     assert stats["docs_in"] == 4 and stats["docs_out"] == 1
     assert stats["reasons"] == {"too_few_chars": 1, "too_many_chars": 1, "toxic": 1}
     kept = pq.read_table(out / "docs" / "part-00000.parquet").to_pylist()
@@ -42,9 +44,24 @@ def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
 
 
 def test_filter_without_scorer_scores_nothing():
-    out = list(filter_docs(docs(PROSE), scorer_kind="off", scorer_args={},
-                           toxicity_threshold=0.5, **LENGTHS))
+    out = list(filter_docs(docs(PROSE), scorer_kind="off", scorer_args={}, toxicity_threshold=0.5,
+                           quality=QUALITY_OFF, **NO_LANGUAGE, **LENGTHS))
     assert out[0]["toxicity"] is None
+    assert out[0]["language"] == "en" and out[0]["language_score"] > 0.5  # labelled, not filtered
+
+
+def test_filter_applies_quality_rules_then_language_before_scoring():
+    german = ("Der Ausschuss wird seine Ergebnisse im Frühjahr veröffentlichen, nachdem die "
+              "Anhörungen beendet sind und alle Zeugen gehört wurden. ") * 3
+    lorem = PROSE + " Lorem ipsum dolor sit amet."
+    out = list(filter_docs(docs(PROSE, lorem, german), scorer_kind="off", scorer_args={},
+                           toxicity_threshold=0.5, quality={**QUALITY_OFF, "c4_enabled": True},
+                           languages=["en"], language_min_score=0.65, language_model="",
+                           min_chars=20, max_chars=2000, min_words=5, max_words=300))
+    rejected = {r.doc["id"]: r for r in out if isinstance(r, Rejected)}
+    assert [d["id"] for d in out if not isinstance(d, Rejected)] == ["d0"]
+    assert (rejected["d1"].reason, rejected["d2"].reason) == ("c4_lorem_ipsum", "language")
+    assert rejected["d2"].details["language"] == "de" and rejected["d2"].details["value"] > 0.65
 
 
 def test_exact_dedup_ignores_case_and_whitespace_and_keeps_the_first(tmp_path):

@@ -47,7 +47,7 @@ def test_every_stage_leaves_a_complete_artifact(first_run):
 def test_documents_are_conserved_stage_by_stage(first_run):
     store, _, versions = first_run
     source = store.manifest("source", versions["source"])["stats"]
-    assert source["docs"] == 28
+    assert source["docs"] == 29
     previous_out = source["docs"]
     for stage in DOCUMENT_STAGES:
         folder = store.path(stage, versions[stage])
@@ -74,6 +74,10 @@ def test_each_problem_document_is_rejected_for_its_reason(first_run):
     assert dup["reason"] == "exact_duplicate"
     kept = pq.read_table(store.path("dedup", versions["dedup"]) / "docs").to_pylist()
     assert dup["duplicate_of"] in {r["id"] for r in kept if r["source"] == "0004.html.gz"}
+    near = rejected("dedup")["edited-copy-of-page-5.html.gz"]
+    assert near["reason"] == "near_duplicate" and near["similarity"] > 0.8  # 3 words of 2,800 differ
+    assert near["duplicate_of"] in {r["id"] for r in kept if r["source"] == "0006.html.gz"}
+    assert {r["language"] for r in kept} == {"en"}
     normalized = {r["source"]: r for r in kept}
     assert "café" in normalized["mojibake.html"]["text"]
     assert "Ã" not in normalized["mojibake.html"]["text"]
@@ -126,7 +130,7 @@ def test_an_existing_dask_cluster_can_run_the_stages(prefect_harness, tiny_corpu
                                    overrides={**overrides, "dask.scheduler": cluster.scheduler_address})
         assert cluster.scheduler_address  # still up: the flow closed its client, not the cluster
     stats = ArtifactStore(tmp_path / "artifacts").manifest("extract", versions["extract"])["stats"]
-    assert stats["docs_in"] == 28 and stats["partitions"] == 4
+    assert stats["docs_in"] == 29 and stats["partitions"] == 4
 
 
 def test_second_run_is_all_cache_hits(first_run):
