@@ -30,6 +30,9 @@ def headline(manifest: dict) -> list[str]:
                             f"({s['toxicity_model'] or 'no model'}), threshold {s['toxicity_threshold']}")
             if s["toxicity_note"]:
                 lines.insert(1, f"- note: {s['toxicity_note']}")
+            langs = ", ".join(f"{k} {v}" for k, v in list(s["kept_languages"].items())[:8])
+            lines.append(f"- language identification: {s['language_model'] or 'off (no model)'}; "
+                         f"kept by language: {langs or 'none'}")
         return lines
     if stage == "source":
         lines = [f"- documents: {s['docs']:,} in {s['partitions']} partitions, {_mb(s['bytes'])}"]
