@@ -17,6 +17,7 @@ import argparse
 import gzip
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -146,7 +147,19 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=0, help="WCXB pages per copy (0 = all 1,358)")
     parser.add_argument("--config", default="configs/wcxb.toml")
     parser.add_argument("--workdir", default="", help="keep outputs here (default: a temp dir, removed)")
+    parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # internal: one scale
     args = parser.parse_args()
+    if args.one:  # a fresh process per scale, so no scale inherits another's heap
+        cfg = load_config(args.config)
+        cfg["filter"]["toxicity"] = "profanity-check"
+        cfg["dask"]["local_directory"] = str(Path(args.workdir) / "dask")
+        corpus = Path(args.workdir) / f"corpus-{args.one}x"
+        write_corpus(corpus, args.one, args.pages)
+        try:
+            print(json.dumps(run_stages(cfg, corpus, Path(args.workdir) / f"run-{args.one}x")))
+        finally:
+            parallel.shutdown()
+        return
 
     base = load_config(args.config)
     base["filter"]["toxicity"] = "profanity-check"  # the same scorer at every scale
@@ -155,11 +168,12 @@ def main() -> None:
     results: dict = {}
     try:
         for copies in (1, args.scale):
-            corpus = work / f"corpus-{copies}x"
-            docs, size = write_corpus(corpus, copies, args.pages)
-            print(f"\n{copies}x: {docs:,} pages, {size / 1e6:,.0f} MB of HTML", flush=True)
-            cfg = json.loads(json.dumps(base))
-            figures = run_stages(cfg, corpus, work / f"run-{copies}x")
+            proc = subprocess.run([sys.executable, __file__, "--one", str(copies), "--pages", str(args.pages),
+                                   "--config", args.config, "--workdir", str(work)],
+                                  stdout=subprocess.PIPE, text=True, check=True)
+            figures = json.loads(proc.stdout.strip().splitlines()[-1])
+            print(f"\n{copies}x: {figures['source']['docs']:,} pages, "
+                  f"{figures['source']['mb']:,.0f} MB of HTML", flush=True)
             results[f"{copies}x"] = figures
             print(f"{'stage':10s} {'s':>7s} {'docs/s':>8s} {'MB/s':>6s} {'docs/s/core':>11s} {'peak RSS MB':>11s}")
             for name, f in figures.items():
@@ -173,6 +187,7 @@ def main() -> None:
         for workers in (1, 2):
             cfg = json.loads(json.dumps(base))
             cfg["dask"]["workers"] = workers
+            cfg["source"].update(kind="path", path=str(work / "corpus-1x"))
             out = work / f"extract-{workers}w"
             shutil.copytree(work / "run-1x" / "source", out / "source")
             ctx = StageContext(cfg=cfg, inputs={"source": out / "source"}, manifests={},
