@@ -108,6 +108,13 @@ def tail(name: str, lines: int = 20) -> str:
 
 def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
     """Start the server and the serve process unless they already run; idempotent."""
+    if healthy() and not _pid("server"):
+        # another checkout's server (or the user's own): its serve process would run our
+        # deployments from its code into its artifacts
+        raise RuntimeError(
+            f"a Prefect server that this checkout did not start answers at {API_URL}. Stop it "
+            f"(`c2m down` in the checkout that started it), or give this checkout its own port: "
+            f"export C2M_PORT=4201")
     if healthy():
         log(f"Prefect server already up at {API_URL}")
     elif _pid("server"):

@@ -49,6 +49,10 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
         assert (tmp_path / "state" / "prefect").is_dir()  # Prefect state stays project-local
         assert c2m("up").returncode == 0  # idempotent: nothing new started
         assert json.loads(c2m("status").stdout)["server_pid"] == pids[0]
+        # a second checkout (its own state folder) must not adopt this server
+        other = subprocess.run([C2M, "up"], capture_output=True, text=True, timeout=60,
+                               env={**env, "C2M_STATE": str(tmp_path / "other-state")})
+        assert other.returncode == 1 and "did not start" in other.stderr and "C2M_PORT" in other.stderr
     finally:
         down = c2m("down")
     assert down.returncode == 0
