@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -46,28 +46,13 @@ def exact_duplicates(hashes: Iterable[tuple[str, str]]) -> dict[str, str]:
     return duplicates
 
 
-def drop_duplicates(docs: Iterable[dict], *, duplicates: dict[str, str]) -> Iterator[dict | Rejected]:
-    """The step: `duplicates` holds this partition's share of exact_duplicates()."""
-    return _drop(docs, duplicates, "exact_duplicate", lambda kept_id: {"duplicate_of": kept_id})
-
-
-def _drop(docs: Iterable[dict], duplicates: dict[str, Any], reason: str,
-          details: Callable[[Any], dict]) -> Iterator[dict | Rejected]:
-    for doc in docs:
-        found = duplicates.get(doc["id"])
-        if found is None:
-            yield doc
-        else:
-            yield Rejected(doc, reason, details(found))
-
-
 # -- near duplicates: MinHash + LSH ------------------------------------------------
 #
 # Three steps, each a pure function, so the stage can map the first and last over
 # partitions and run the middle one on the driver without the corpus's text:
 #   partition_signatures(path) -> (ids, signature matrix)        per partition
 #   near_duplicate_map([(ids, sig), ...]) -> {dropped: (kept, s)}  on the driver
-#   drop_near_duplicates(docs, duplicates=share)                  the step, per partition
+#   drop_duplicates(docs, exact=..., near=share)                  the step, per partition
 # `near_duplicates(docs)` runs the same three in process, for small sets and tests.
 #
 # Text is normalised (lowercase, punctuation -> space, digits -> 0, whitespace
@@ -416,18 +401,10 @@ def split_by_partition(duplicates: dict[str, Any], part_ids: Iterable[Sequence[s
     return [{id_: duplicates[id_] for id_ in ids if id_ in duplicates} for ids in part_ids]
 
 
-def drop_near_duplicates(docs: Iterable[dict], *, duplicates: dict[str, tuple[str, float]]
-                         ) -> Iterator[dict | Rejected]:
-    """The step: `duplicates` holds this partition's share of near_duplicate_map()."""
-    return _drop(docs, duplicates, "near_duplicate",
-                 lambda found: {"duplicate_of": found[0], "similarity": found[1]})
-
-
-def drop_exact_and_near_duplicates(docs: Iterable[dict], *, exact: dict[str, str],
-                                   near: dict[str, tuple[str, float]]
-                                   ) -> Iterator[dict | Rejected]:
-    """One step for both: this partition's shares of exact_duplicates() and of
-    near_duplicate_map() over the same documents; an exact duplicate is reported as one."""
+def drop_duplicates(docs: Iterable[dict], *, exact: dict[str, str],
+                    near: dict[str, tuple[str, float]]) -> Iterator[dict | Rejected]:
+    """The step: this partition's shares of exact_duplicates() and of
+    near_duplicate_map() (either may be empty); an exact duplicate is reported as one."""
     for doc in docs:
         if doc["id"] in exact:
             yield Rejected(doc, "exact_duplicate", {"duplicate_of": exact[doc["id"]]})

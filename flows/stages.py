@@ -173,7 +173,7 @@ def build_dedup(ctx: StageContext) -> dict:
 
 def _dedup_partition(item: tuple[Path, dict, dict], out_dir: Path) -> dict:
     path, exact, near = item
-    return process_partition(dedup.drop_exact_and_near_duplicates, path, out_dir,
+    return process_partition(dedup.drop_duplicates, path, out_dir,
                              exact=exact, near=near)
 
 

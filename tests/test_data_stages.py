@@ -73,7 +73,7 @@ def test_exact_dedup_ignores_case_and_whitespace_and_keeps_the_first(tmp_path):
     duplicates = exact_duplicates([*partition_hashes(a), *partition_hashes(b)])
     assert duplicates == {"x": "d0"}
     out = list(drop_duplicates(docs(PROSE) + [{"id": "x", "source": "x.html", "text": PROSE}],
-                               duplicates=duplicates))
+                               exact=duplicates, near={}))
     assert out[0]["id"] == "d0"
     assert out[1] == Rejected(out[1].doc, "exact_duplicate", {"duplicate_of": "d0"})
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from corpus import dedup
-from corpus.dedup import (drop_near_duplicates, near_duplicate_map, near_duplicates,
+from corpus.dedup import (drop_duplicates, near_duplicate_map, near_duplicates,
                           normalize_for_shingles, partition_signatures, text_signatures)
 from corpus.documents import Rejected, process_partition, read_docs, write_docs
 
@@ -187,12 +187,12 @@ def test_stage_path_and_step_yield_rejected_with_details(tmp_path):
     shares = dedup.split_by_partition(duplicates, [ids for ids, _ in sigs])
     assert shares == [{}, {"p1a": duplicates["p1a"]}]
 
-    out = list(drop_near_duplicates(iter(rows[1]), duplicates=shares[1]))
+    out = list(drop_duplicates(iter(rows[1]), exact={}, near=shares[1]))
     assert out[1] is rows[1][1]
     assert out[0] == Rejected(rows[1][0], "near_duplicate",
                               {"duplicate_of": "p0a", "similarity": duplicates["p1a"][1]})
-    stats = process_partition(drop_near_duplicates, paths[1], tmp_path / "out",
-                              duplicates=shares[1])
+    stats = process_partition(drop_duplicates, paths[1], tmp_path / "out",
+                              exact={}, near=shares[1])
     assert (stats["docs_out"], stats["reasons"]) == (1, {"near_duplicate": 1})
     rejected = list(read_docs(tmp_path / "out" / "rejected" / paths[1].name))
     assert rejected[0]["duplicate_of"] == "p0a"
@@ -203,7 +203,7 @@ def test_exact_dedup_is_unchanged():
     docs = [{"id": "d0", "text": "A  b"}, {"id": "d1", "text": "a b"}, {"id": "d2", "text": "c"}]
     dup = dedup.exact_duplicates((d["id"], dedup.text_hash(d["text"])) for d in docs)
     assert dup == {"d1": "d0"}
-    out = list(dedup.drop_duplicates(iter(docs), duplicates=dup))
+    out = list(dedup.drop_duplicates(iter(docs), exact=dup, near={}))
     assert out[0] is docs[0] and out[2] is docs[2]
     assert out[1] == Rejected(docs[1], "exact_duplicate", {"duplicate_of": "d0"})
 
@@ -253,6 +253,6 @@ def test_one_step_for_exact_and_near_duplicates():
                                 text_signatures([d["text"] for d in docs]))])
     assert exact == {"o2": "o"} and {k for k, _ in near.values()} == {"e"}
     assert set(near) == {"o", "o2"}       # the cluster keeps "e", never an exact duplicate
-    out = list(dedup.drop_exact_and_near_duplicates(iter(docs), exact=exact, near=near))
+    out = list(dedup.drop_duplicates(iter(docs), exact=exact, near=near))
     assert [o if isinstance(o, dict) else (o.reason, o.details["duplicate_of"]) for o in out] \
         == [docs[0], ("near_duplicate", "e"), ("exact_duplicate", "o"), docs[3]]
