@@ -31,17 +31,19 @@ def _fresh_cache():
 def _write_tiny_detoxify(root: Path, drop: str = "") -> tuple[Path, Path]:
     """A tiny BERT in detoxify's checkpoint layout plus its local HF config folder."""
     import torch
-    from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     config_dir = root / "config"
     config_dir.mkdir(parents=True)
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(SENTENCES * 5, vocab_size=200, min_frequency=1)
+    # Whole words and single characters: a fixed vocabulary, so scores repeat across processes
+    # (a trained WordPiece vocab breaks ties differently from run to run).
+    words = sorted({w for s in SENTENCES for w in s.replace(",", " , ").split()} | set("".join(SENTENCES)) - {" "})
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {tok: i for i, tok in enumerate(specials + words)}
     # transformers 5's BertTokenizer ignores vocab_file (all [UNK]): pass the vocab itself.
-    BertTokenizer(vocab=wp.get_vocab()).save_pretrained(config_dir)
+    BertTokenizer(vocab=vocab).save_pretrained(config_dir)
     # Large initializer_range: a random model whose scores differ visibly between texts.
-    config = BertConfig(vocab_size=wp.get_vocab_size(), hidden_size=64, num_hidden_layers=2,
+    config = BertConfig(vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=128, max_position_embeddings=64,
                         num_labels=len(ORIGINAL_CLASSES), initializer_range=0.2)
     config.save_pretrained(config_dir)
