@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values, each (B, n_head, T, head_size)
 
 
 @dataclass
@@ -31,20 +34,25 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        """x (B, T, C) -> (output, this layer's keys and values including `past`'s)."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): heads attend independently
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        mask = None
+        if past is not None:  # generation: x follows the cached positions, which it may all see
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
         # Attention runs in float32 even under bf16 autocast: torch's CPU bf16 attention
         # backward is several times slower than float32 (measured: ~25% off a whole step
         # of the 4x128 model), and attention is a small share of the FLOPs.
         with torch.autocast(x.device.type, enabled=False):
             y = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), is_causal=True,
+                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
                 dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
+        return self.resid_dropout(self.proj(y)), (k, v)
 
 
 class MLP(nn.Module):
@@ -68,9 +76,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.mlp(self.ln2(x))
+    def forward(self, x: torch.Tensor, past: KV | None = None) -> tuple[torch.Tensor, KV]:
+        attn_out, kv = self.attn(self.ln1(x), past)
+        x = x + attn_out
+        return x + self.mlp(self.ln2(x)), kv
 
 
 class GPT(nn.Module):
@@ -109,14 +118,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab); loss = mean cross-entropy if targets."""
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of {T} tokens is longer than block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.lm_head(self.ln_f(x))
+        logits, _ = self.forward_cached(idx)
         loss = None
         if targets is not None:
             # in float32 even under bf16 autocast: the log-softmax over the vocab is
@@ -124,22 +126,38 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append `max_new_tokens` sampled tokens to idx (B, T); temperature 0 is greedy."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()
-            if temperature <= 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                next_id = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat([idx, next_id], dim=1)
-        return idx
+    def forward_cached(self, idx: torch.Tensor, cache: list[KV] | None = None
+                       ) -> tuple[torch.Tensor, list[KV]]:
+        """Logits of idx (B, T) placed after the positions in `cache` (per layer keys and
+        values, from an earlier call), and the cache extended by idx: generation feeds
+        the prompt once, then one token per call instead of the whole context."""
+        B, T = idx.shape
+        start = 0 if cache is None else cache[0][0].size(2)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if cache is None else cache[i])
+            new_cache.append(kv)
+        return self.lm_head(self.ln_f(x)), new_cache
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[GPT, dict]:
+    """Rebuild the model saved by `train` (in eval mode, on `device`) and return it with the checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train a model first (it writes model.pt)")
+    try:
+        checkpoint = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{path} could not be read as a torch checkpoint ({type(e).__name__}); "
+                         "point at the model.pt that training wrote") from e
+    if not isinstance(checkpoint, dict) or not {"model", "model_config"} <= checkpoint.keys():
+        raise ValueError(f"{path} is not a trainer checkpoint (a dict with 'model' and 'model_config'); "
+                         "point at the model.pt that training wrote")
+    model = GPT(GPTConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    model.to(device).eval()
+    return model, checkpoint
