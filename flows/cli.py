@@ -113,6 +113,52 @@ def demo(root: str = ROOT_OPTION):
     typer.echo(f"server: http://{server.HOST}:{server.PORT} (stop it with `c2m down`)")
 
 
+MODEL_ARGUMENT = typer.Argument("", help="train version or prefix (default LATEST), or a train artifact folder")
+
+
+@app.command()
+def generate(model: str = MODEL_ARGUMENT,
+             prompt: list[str] = typer.Option([""], "--prompt", "-p", help="text to continue (repeatable)"),
+             n: int = typer.Option(1, "-n", help="samples per prompt"),
+             max_new_tokens: int = typer.Option(100, "--tokens", help="tokens to generate per sample"),
+             temperature: float = typer.Option(0.8, help="0 = greedy"),
+             top_k: int = typer.Option(0, "--top-k", help="keep the k likeliest tokens (0 = all)"),
+             top_p: float = typer.Option(0.95, "--top-p", help="nucleus: keep the likeliest tokens "
+                                                                 "up to this probability mass (1 = all)"),
+             seed: int = typer.Option(1234),
+             root: str = ROOT_OPTION):
+    """Sample text from a trained model artifact."""
+    from tokenizers import Tokenizer
+
+    from flows.stages import model_artifact
+    from trainer.generate import generate_texts
+    from trainer.model import load_model
+
+    found = model_artifact(model, root)
+    net, _ = load_model(found["model"])
+    samples = generate_texts(net, Tokenizer.from_file(str(found["tokenizer"])), prompt, n=n,
+                             max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=seed)
+    typer.echo(f"# train/{found['version']}", err=True)
+    for sample in samples:
+        typer.echo(sample["text"])
+        typer.echo("-" * 40)
+
+
+@app.command()
+def export(model: str = MODEL_ARGUMENT,
+           out: Path = typer.Option(..., "--out", help="folder to write the Hugging Face model into"),
+           root: str = ROOT_OPTION):
+    """Write a model artifact in Hugging Face format (GPT-2 config, safetensors, tokenizer)."""
+    from flows.stages import model_artifact
+    from trainer.export import export_hf
+
+    found = model_artifact(model, root)
+    path = export_hf(found["model"], found["tokenizer"], out)
+    typer.echo(f"train/{found['version']} -> {path}\n"
+               f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+
+
 @app.command("fetch-detoxify")
 def fetch_detoxify(model: str = typer.Argument("original", help="original | unbiased | multilingual")):
     """Download detoxify's weights and config (needs internet) to where `auto` finds them."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,11 +68,14 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
 
     log.info(f"{name}: building {name}/{version}")
     tmp = store.begin(name, version)
+    work = store.work_dir(name, version)
+    if plan.force:
+        shutil.rmtree(work, ignore_errors=True)  # forced: start over, do not resume
     started = time.time()
     try:
         ctx = StageContext(cfg=plan.cfg, inputs={k: r.path for k, r in inputs.items()},
                            manifests={k: store.manifest(r.stage, r.version) for k, r in inputs.items()},
-                           out=tmp, log=log.info)
+                           out=tmp, log=log.info, work=work)
         stats = stage.build(ctx)
         finished = time.time()
         manifest = {
@@ -85,6 +89,7 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
         markdown = report.render(manifest, tmp)
         (tmp / "report.md").write_text(markdown)
         path = store.commit(tmp, name, version, manifest)
+        shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         store.abort(tmp)  # nothing half-written is left where a later stage could read it
         raise

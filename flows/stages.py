@@ -15,6 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+from tokenizers import Tokenizer
+
 from corpus import dedup, sources, tokenizer, toxicity
 from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts
 from corpus.extract import extract
@@ -23,6 +25,7 @@ from corpus.language import load_language_model
 from corpus.normalize import normalize
 from corpus.shard import write_token_shards
 from flows.parallel import map_partitions
+from flows.store import ArtifactStore
 
 
 @dataclass
@@ -32,6 +35,9 @@ class StageContext:
     manifests: dict[str, dict]     # input stage -> its manifest
     out: Path                      # temporary folder the stage writes into
     log: Callable[[str], None] = print
+    # scratch that survives a failed or killed run of this stage version (train's
+    # checkpoints), so re-running it resumes; removed once the artifact is complete
+    work: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -179,22 +185,63 @@ def _dedup_partition(item: tuple[Path, dict, dict], out_dir: Path) -> dict:
 
 # -- tokenizer and shards ----------------------------------------------------------
 
+def model_artifact(ref: str, artifacts: str | Path) -> dict:
+    """A trained model and its tokenizer: `ref` is a train version (or unique prefix) in the
+    store at `artifacts`, empty for the latest, or the path of a train artifact folder."""
+    folder = Path(ref).expanduser()
+    if ref and folder.is_dir():
+        folder = folder.resolve()
+        if folder.parent.name != "train":
+            raise ValueError(f"{ref} is not a train artifact folder (artifacts/train/<version>)")
+        store, version = ArtifactStore(folder.parent.parent), folder.name
+    else:
+        store = ArtifactStore(artifacts)
+        version = store.resolve("train", ref or None)
+    manifest = store.manifest("train", version)
+    # the model's tokenizer comes with it: token ids mean nothing under another vocabulary
+    tokenizer_version = dict(store.lineage("train", version))["tokenizer"]
+    return {"version": version, "sha256": manifest["files"]["model.pt"]["sha256"],
+            "model": store.path("train", version) / "model.pt",
+            "tokenizer_version": tokenizer_version,
+            "tokenizer": store.path("tokenizer", tokenizer_version) / "tokenizer.json"}
+
+
+def parent_model(cfg: dict) -> dict | None:
+    """The model `train.init_from` names, to fine-tune on this run's corpus."""
+    ref = cfg["train"]["init_from"]
+    return model_artifact(ref, cfg["run"]["artifacts"]) if ref else None
+
+
+def train_identity(cfg: dict) -> dict:
+    parent = parent_model(cfg)
+    return {"parent": {"version": parent["version"], "sha256": parent["sha256"]}} if parent else {}
+
+
+def tokenizer_identity(cfg: dict) -> dict:
+    parent = parent_model(cfg)
+    return {"parent_tokenizer": parent["tokenizer_version"]} if parent else {}
+
+
 def build_tokenizer(ctx: StageContext) -> dict:
     parts = partitions(ctx.inputs["dedup"])
     val_fraction = ctx.cfg["split"]["val_fraction"]
     t = ctx.cfg["tokenizer"]
-    # trained on the train split only, so the held-out figure is honest
-    train_texts = (text for id_, text in read_texts(parts) if not is_val(id_, val_fraction))
-    tok = tokenizer.train_bpe(train_texts, vocab_size=t["vocab_size"], min_frequency=t["min_frequency"])
+    parent = parent_model(ctx.cfg)
+    if parent:
+        tok = Tokenizer.from_file(str(parent["tokenizer"]))
+        ctx.log(f"tokenizer: the parent model's ({parent['tokenizer_version']}), not trained")
+    else:
+        # trained on the train split only, so the held-out figure is honest
+        train_texts = (text for id_, text in read_texts(parts) if not is_val(id_, val_fraction))
+        tok = tokenizer.train_bpe(train_texts, vocab_size=t["vocab_size"], min_frequency=t["min_frequency"])
     tok.save(str(ctx.out / "tokenizer.json"))
     heldout = tokenizer.bytes_per_token(
         tok, (text for id_, text in read_texts(parts) if is_val(id_, val_fraction)))
-    return {"vocab_size": tok.get_vocab_size(), "heldout": heldout}
+    return {"vocab_size": tok.get_vocab_size(), "heldout": heldout,
+            "parent_tokenizer": parent["tokenizer_version"] if parent else None}
 
 
 def build_shard(ctx: StageContext) -> dict:
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"] / "tokenizer.json"))
     splits = write_token_shards(
         read_texts(partitions(ctx.inputs["dedup"])), tok, ctx.out,
@@ -207,23 +254,39 @@ def build_shard(ctx: StageContext) -> dict:
 def build_train(ctx: StageContext) -> dict:
     from trainer.train import TrainConfig, train
 
-    shard_dir = ctx.inputs["shard"]
-    return train(sorted(shard_dir.glob("train_*.bin")), ctx.manifests["shard"]["stats"]["vocab_size"],
-                 TrainConfig(**ctx.cfg["train"]), ctx.out, log=ctx.log)
+    shard_dir, val = ctx.inputs["shard"], ctx.manifests["shard"]["stats"]["val"]
+    settings = dict(ctx.cfg["train"])
+    parent = parent_model(ctx.cfg) if settings.pop("init_from") else None
+    # Train in the work folder, which outlives a failed or killed run: re-running the
+    # stage resumes from its newest checkpoint. Then move the results into the artifact.
+    stats = train(sorted(shard_dir.glob("train_*.bin")), ctx.manifests["shard"]["stats"]["vocab_size"],
+                  TrainConfig(**settings), ctx.work, log=ctx.log,
+                  val_shards=sorted(shard_dir.glob("val_*.bin")),
+                  val_tokens_per_byte=val["tokens"] / val["bytes"],
+                  init_from=parent["model"] if parent else None, resume=True)
+    for item in ctx.work.iterdir():
+        item.rename(ctx.out / item.name)
+    if parent:
+        stats["parent"] = {"version": parent["version"], "path": str(parent["model"])}
+    return stats
 
 
 def build_evaluate(ctx: StageContext) -> dict:
-    from trainer.evaluate import evaluate
+    from trainer.evaluate import evaluate, evaluate_checkpoints, plot_curve
 
     e = ctx.cfg["evaluate"]
-    val = ctx.manifests["shard"]["stats"]["val"]
+    val = sorted(ctx.inputs["shard"].glob("val_*.bin"))
+    max_tokens = e["max_tokens"] or None
     metrics = evaluate(
-        ctx.inputs["train"] / "model.pt", sorted(ctx.inputs["shard"].glob("val_*.bin")),
-        val_bytes=val["bytes"], val_tokens=val["tokens"],
-        tokenizer_path=ctx.inputs["tokenizer"] / "tokenizer.json",
-        batch_size=e["batch_size"], max_tokens=e["max_tokens"] or None, samples=e["samples"],
-        sample_tokens=e["sample_tokens"], temperature=e["temperature"], top_k=e["top_k"],
-        seed=e["seed"])
+        ctx.inputs["train"] / "model.pt", val, ctx.inputs["tokenizer"] / "tokenizer.json",
+        batch_size=e["batch_size"], max_tokens=max_tokens, samples=e["samples"],
+        sample_tokens=e["sample_tokens"], temperature=e["temperature"], top_k=e["top_k"] or None,
+        top_p=e["top_p"] if e["top_p"] < 1 else None, seed=e["seed"])
+    # the same val windows for every kept checkpoint: the curve and the final figure agree
+    curve = evaluate_checkpoints(sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt")), val,
+                                 metrics["tokens_per_byte"], e["batch_size"], max_tokens)
+    plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"])
+    metrics["curve"] = curve
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -238,11 +301,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           ("corpus.filter", "corpus.quality", "corpus.language", "corpus.toxicity", "corpus.documents"),
           build_filter, identity=filter_identity),
     Stage("dedup", ("filter",), ("dedup",), ("corpus.dedup", "corpus.documents"), build_dedup),
-    Stage("tokenizer", ("dedup",), ("tokenizer", "split"), ("corpus.tokenizer",), build_tokenizer),
+    Stage("tokenizer", ("dedup",), ("tokenizer", "split"), ("corpus.tokenizer",), build_tokenizer,
+          identity=tokenizer_identity),
     Stage("shard", ("dedup", "tokenizer"), ("shard", "split"), ("corpus.shard", "trainer.data"), build_shard),
-    Stage("train", ("shard",), ("train",), ("trainer.model", "trainer.train", "trainer.data"), build_train),
+    Stage("train", ("shard",), ("train",),
+          ("trainer.model", "trainer.train", "trainer.data", "trainer.perf", "trainer.evaluate"), build_train,
+          identity=train_identity),
     Stage("evaluate", ("train", "shard", "tokenizer"), ("evaluate",),
-          ("trainer.evaluate", "trainer.model", "trainer.data"), build_evaluate),
+          ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data"), build_evaluate),
 ]}
 ORDER = list(STAGES)
 DOCUMENT_STAGES = ("extract", "normalize", "filter", "dedup")

@@ -91,6 +91,10 @@ class ArtifactStore:
         tmp.mkdir(parents=True)
         return tmp
 
+    def work_dir(self, stage: str, version: str) -> Path:
+        """Scratch for one version that outlives a failed build (never read as an artifact)."""
+        return self.root / stage / f"{TMP_PREFIX}work-{version}"
+
     def commit(self, tmp: Path, stage: str, version: str, manifest: dict) -> Path:
         """Checksum the files, write the manifest last, rename into place, move LATEST."""
         manifest = dict(manifest, stage=stage, version=version, files={

@@ -91,43 +91,6 @@ def three_shards(tmp_path):
     return paths
 
 
-def test_random_batch(three_shards):
-    shards = Shards(three_shards)
-    assert shards.n_tokens == 4010
-    g = torch.Generator().manual_seed(0)
-    seen_shard = set()
-    for _ in range(50):
-        x, y = shards.random_batch(8, 16, g)
-        assert x.shape == y.shape == (8, 16)
-        assert x.dtype == y.dtype == torch.int64
-        for row_x, row_y in zip(x, y):
-            start = int(row_x[0])
-            # a consecutive run inside one shard, never across a boundary
-            assert torch.equal(row_x, torch.arange(start, start + 16))
-            assert torch.equal(row_y, row_x + 1)
-            assert start < 1000 - 16 or 10000 <= start <= 13000 - 17
-            seen_shard.add(start >= 10000)
-            assert not 5000 <= start < 5010  # the short shard is skipped
-    assert seen_shard == {False, True}
-
-    again = shards.random_batch(8, 16, torch.Generator().manual_seed(0))
-    first = shards.random_batch(8, 16, torch.Generator().manual_seed(0))
-    assert torch.equal(again[0], first[0])
-
-
-def test_random_batch_weighted_by_length(three_shards):
-    shards = Shards(three_shards)
-    x, _ = shards.random_batch(4000, 16, torch.Generator().manual_seed(1))
-    share_long = (x[:, 0] >= 10000).float().mean().item()
-    expected = (3000 - 16) / ((1000 - 16) + (3000 - 16))
-    assert abs(share_long - expected) < 0.03
-
-
-def test_random_batch_no_long_enough_shard(three_shards):
-    with pytest.raises(ValueError, match="block_size"):
-        Shards(three_shards).random_batch(2, 5000, torch.Generator())
-
-
 def test_sequential_windows(three_shards):
     shards = Shards(three_shards)
     windows = list(shards.sequential_windows(16))

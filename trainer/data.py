@@ -96,7 +96,7 @@ def open_shard(path: str | os.PathLike) -> np.memmap:
 
 
 class Shards:
-    """A list of shards read as windows: random ones for training, in-order ones for eval.
+    """A list of memory-mapped shards: read in order for eval here, by `EpochLoader` for training.
 
     A window never crosses a shard boundary; each shard is its own token stream.
     """
@@ -111,29 +111,6 @@ class Shards:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def random_batch(self, batch_size: int, block_size: int,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """`batch_size` random windows: x (B, T) int64 and y = x shifted left by one."""
-        # A shard with n tokens has n - block_size window starts. Drawing one start
-        # uniformly from all shards' starts picks each shard in proportion to its length,
-        # and skips shards too short for a single window.
-        starts = np.maximum(self.lengths - block_size, 0)
-        total = int(starts.sum())
-        if total == 0:
-            raise ValueError(
-                f"no shard holds a window of block_size+1 = {block_size + 1} tokens "
-                f"(longest has {int(self.lengths.max())}); use a smaller block_size or more data")
-        cum = np.cumsum(starts)
-        picks = torch.randint(0, total, (batch_size,), generator=generator).numpy()
-        shard_ids = np.searchsorted(cum, picks, side="right")
-        offsets = picks - (cum[shard_ids] - starts[shard_ids])
-
-        buf = np.empty((batch_size, block_size + 1), dtype=np.int64)
-        for row, (s, o) in enumerate(zip(shard_ids, offsets)):
-            buf[row] = self.tokens[s][o:o + block_size + 1]
-        buf = torch.from_numpy(buf)
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
 
     def sequential_windows(self, block_size: int, max_tokens: int | None = None
                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -163,3 +140,86 @@ class Shards:
                                      f"not below vocab_size {vocab_size}")
                 counts += chunk
         return counts
+
+
+class EpochLoader:
+    """Training batches sampled without replacement, one epoch at a time.
+
+    The token stream of each shard is cut into non-overlapping windows of block_size+1
+    tokens starting at multiples of block_size (so consecutive windows share one token,
+    the last target of one being the first input of the next), never crossing a shard.
+    Each epoch visits every window once, in a permutation seeded by (seed, epoch). Under
+    DDP, rank r of W takes windows r, r+W, r+2W, ... of that permutation, so ranks never
+    see the same window; the permutation's tail that does not split evenly is skipped
+    that epoch (it comes back in another order the next). A batch may span two epochs.
+
+    The position (epoch, index into this rank's share) is all the state there is:
+    `state_dict` / `load_state_dict` resume the exact sequence of batches.
+    """
+
+    def __init__(self, shards: Shards, block_size: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in 0..{world_size - 1}")
+        self.shards, self.block_size, self.batch_size = shards, block_size, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        # a shard of n tokens holds (n - 1) // block_size windows of block_size+1 tokens
+        per_shard = np.maximum(shards.lengths - 1, 0) // block_size
+        self.window_ends = np.cumsum(per_shard)  # window i lives in the first shard whose end > i
+        self.first_window = self.window_ends - per_shard  # id of each shard's window 0
+        self.n_windows = int(self.window_ends[-1])
+        self.per_rank = self.n_windows // world_size
+        if self.per_rank == 0:
+            raise ValueError(
+                f"the shards ({', '.join(str(p) for p in shards.paths[:3])}"
+                f"{', ...' if len(shards) > 3 else ''}) hold {self.n_windows} windows of "
+                f"block_size+1 = {block_size + 1} tokens (longest shard has "
+                f"{int(shards.lengths.max())} tokens), fewer than the {world_size} ranks need; "
+                f"use a smaller block_size or more data")
+        self.epoch, self.index = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, dtype=np.int64)
+
+    def _rank_order(self) -> np.ndarray:
+        """This rank's windows of the current epoch, in order (cached for the epoch)."""
+        if self._order_epoch != self.epoch:
+            perm = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
+            self._order = perm[self.rank:self.per_rank * self.world_size:self.world_size]
+            self._order_epoch = self.epoch
+        return self._order
+
+    def next_windows(self) -> np.ndarray:
+        """The global ids of the next batch_size windows; advances the position."""
+        ids = []
+        need = self.batch_size
+        while need:
+            take = self._rank_order()[self.index:self.index + need]
+            ids.append(take)
+            need -= len(take)
+            self.index += len(take)
+            if self.index == self.per_rank:
+                self.epoch, self.index = self.epoch + 1, 0
+        return np.concatenate(ids)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (batch_size, block_size) int64 and y, x shifted left by one token."""
+        ids = self.next_windows()
+        shard_ids = np.searchsorted(self.window_ends, ids, side="right")
+        starts = (ids - self.first_window[shard_ids]) * self.block_size
+        buf = np.empty((len(ids), self.block_size + 1), dtype=np.int64)
+        for row, (s, start) in enumerate(zip(shard_ids, starts)):
+            buf[row] = self.shards.tokens[s][start:start + self.block_size + 1]
+        buf = torch.from_numpy(buf)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "n_windows": self.n_windows,
+                "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("n_windows", "seed", "world_size"):
+            if state[key] != mine[key]:
+                raise ValueError(f"the saved data position was for {key}={state[key]}, but this run "
+                                 f"has {key}={mine[key]}: resume with the same shards, block_size, "
+                                 f"seed and number of processes, or start a fresh out_dir")
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
