@@ -106,8 +106,11 @@ def demo(root: str = ROOT_OPTION):
     model = store.path("train", store.resolve("train"))
     metrics = json.loads((evaluate / "metrics.json").read_text())
     typer.echo(f"\nvalidation loss {metrics['loss']:.3f} nats/token "
-               f"(unigram entropy {metrics['unigram_entropy']:.3f}), "
-               f"{metrics['bits_per_byte']:.3f} bits/byte, perplexity {metrics['perplexity']:.1f}")
+               f"(unigram entropy {metrics['unigram_entropy']:.3f}), perplexity {metrics['perplexity']:.1f}, "
+               f"top-1 accuracy {metrics['accuracy']:.3f}")
+    anchors = ", ".join(f"{name} {bpb:.3f}" for name, bpb in metrics["compressors"].items())
+    typer.echo(f"bits per byte {metrics['bits_per_byte']:.3f} (unigram {metrics['unigram_bits_per_byte']:.3f}; "
+               f"{anchors})")
     typer.echo(f"report: {evaluate / 'report.md'}")
     typer.echo(f"model:  {model / 'model.pt'}")
     typer.echo(f"server: http://{server.HOST}:{server.PORT} (stop it with `c2m down`)")

@@ -53,19 +53,36 @@ def headline(manifest: dict) -> list[str]:
         return [f"- {split}: {s[split]['docs']:,} docs, {s[split]['tokens']:,} tokens, "
                 f"{len(s[split]['shards'])} shards" for split in ("train", "val")]
     if stage == "train":
-        return [f"- {s['steps']:,} steps, {s['tokens_seen']:,} tokens, final loss {s['final_loss']:.4f}",
-                f"- {s['tokens_per_s']:,.0f} tokens/s, {s['n_params']:,} parameters, {s['seconds']:.0f} s"]
+        lines = [f"- {s['steps']:,} steps, {s['tokens_seen']:,} tokens, {s['n_params']:,} parameters; "
+                 f"train loss {s['initial_loss']:.4f} -> {s['final_loss']:.4f}"]
+        if s.get("val_loss") is not None:
+            lines.append(f"- val loss {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f} (best.pt)")
+        lines.append(f"- {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of {s['peak_flops_source']}; "
+                     f"{s['seconds']:.0f} s" + (f", of which {s['compile_seconds']:.0f} s compiling"
+                                               if s.get("compile_seconds") else ""))
+        if s.get("parent"):
+            lines.append(f"- fine-tuned from train/{s['parent']['version']}")
+        if s.get("resumed_from"):
+            lines.append(f"- resumed from {Path(s['resumed_from']).name} of an interrupted run")
+        return lines + ["", "![loss](loss.png)"]
     if stage == "evaluate":
-        return [
-            *_table([("model", f"{s['loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
-                     ("unigram (val tokens' own entropy)", f"{s['unigram_entropy']:.4f}",
-                      f"{s['unigram_bits_per_byte']:.4f}")],
-                    ("validation", "loss (nats/token)", "bits per byte")),
-            "",
-            f"- perplexity {s['perplexity']:.2f}, next-token accuracy {s['accuracy']:.3f} "
-            f"over {s['tokens_evaluated']:,} tokens",
-            f"- beats unigram: **{s['beats_unigram']}**",
-        ]
+        rows = [("model", f"{s['loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
+                ("unigram (val tokens' own entropy)", f"{s['unigram_entropy']:.4f}",
+                 f"{s['unigram_bits_per_byte']:.4f}")]
+        rows += [(name, "", f"{bpb:.4f}") for name, bpb in s["compressors"].items()]
+        lines = [*_table(rows, ("validation", "loss (nats/token)", "bits per byte")), "",
+                 f"- over {s['tokens_evaluated']:,} val tokens ({_mb(s['bytes_evaluated'])} of text): "
+                 f"perplexity {s['perplexity']:.2f}, next-token accuracy top-1 {s['accuracy']:.3f}, "
+                 f"top-5 {s['top5_accuracy']:.3f}",
+                 f"- beats unigram: **{s['beats_unigram']}**; beats compressors: "
+                 f"**{', '.join(s['beats_compressors']) or 'none'}**"]
+        if s.get("curve"):
+            lines += ["", "Per checkpoint, on the same val tokens:", ""]
+            lines += _table([(r["step"], f"{r['loss']:.4f}", f"{r['bits_per_byte']:.4f}",
+                              f"{r['accuracy']:.3f}", f"{r['top5_accuracy']:.3f}") for r in s["curve"]],
+                            ("step", "loss", "bits per byte", "top-1", "top-5"))
+            lines += ["", "![val curve](val_curve.png)"]
+        return lines
     return []
 
 

@@ -180,3 +180,55 @@ def test_unselected_stage_without_artifact_is_a_clear_error(prefect_harness, tin
     overrides = tiny_overrides(tiny_corpus, tmp_path / "artifacts")
     with pytest.raises(RuntimeError, match="does not build source"):
         corpus_to_model(config="configs/demo.toml", overrides=overrides, stages=["extract"])
+
+
+def test_fine_tune_from_a_model_artifact_keeps_its_tokenizer(first_run):
+    from flows.flow import corpus_to_model
+
+    store, overrides, versions = first_run
+    tuned = corpus_to_model(config="configs/demo.toml", overrides={
+        **overrides, "train.init_from": versions["train"][:10], "train.learning_rate": 3e-4,
+        "train.schedule": "wsd"})
+    assert all(tuned[s] == versions[s] for s in ORDER[:ORDER.index("tokenizer")])
+    parent_tok = Tokenizer.from_file(str(store.path("tokenizer", versions["tokenizer"]) / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(store.path("tokenizer", tuned["tokenizer"]) / "tokenizer.json"))
+    assert tok.get_vocab() == parent_tok.get_vocab()
+    manifest = store.manifest("train", tuned["train"])
+    assert manifest["identity"]["parent"]["version"] == versions["train"]
+    assert manifest["stats"]["parent"]["version"] == versions["train"]
+    # it starts where the parent ended, not from a random model
+    parent = store.manifest("train", versions["train"])["stats"]
+    assert manifest["stats"]["initial_loss"] < parent["initial_loss"] - 0.1
+    assert "fine-tuned from train/" in (store.path("train", tuned["train"]) / "report.md").read_text()
+
+
+def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
+    import trainer.train
+    from flows.flow import corpus_to_model
+
+    store, overrides, versions = first_run
+    longer = {**overrides, "train.max_steps": 8, "train.checkpoint_every": 2}
+    real_train = trainer.train.train
+
+    def killed_after_step_4(*args, **kwargs):
+        real_train(*args, **kwargs, stop_after=4)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer.train, "train", killed_after_step_4)
+    with pytest.raises(Exception, match="killed"):
+        corpus_to_model(config="configs/demo.toml", overrides=longer)
+    (work,) = store.root.glob("train/.tmp-work-*")
+    assert sorted(p.name for p in (work / "checkpoints").iterdir())[-1] == "step_0000004.pt"
+    monkeypatch.setattr(trainer.train, "train", real_train)
+
+    resumed = corpus_to_model(config="configs/demo.toml", overrides=longer)
+    stats = store.manifest("train", resumed["train"])["stats"]
+    assert stats["resumed_from"].endswith("step_0000004.pt") and stats["steps"] == 8
+    assert not work.exists()
+    resumed_model = torch.load(store.path("train", resumed["train"]) / "model.pt", weights_only=True)["model"]
+    # the same version built in one go, from scratch
+    again = corpus_to_model(config="configs/demo.toml", overrides=longer, stages=["train"], force=True)
+    assert again["train"] == resumed["train"]
+    assert store.manifest("train", again["train"])["stats"]["resumed_from"] is None
+    fresh_model = torch.load(store.path("train", again["train"]) / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(fresh_model[k], resumed_model[k]) for k in fresh_model)  # bit-identical
