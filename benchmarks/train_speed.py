@@ -5,7 +5,8 @@ process, one after the other:
 
   reference  the loop a user would write by hand: float32, eager, torch.optim.AdamW
              (default, non-fused), grad-norm clipping at 1.0, random windows of a random
-             token tensor in memory (nanoGPT's get_batch);
+             token tensor in memory (nanoGPT's get_batch), the loss F.cross_entropy of the
+             model's logits (nanoGPT's head, not our chunked one);
   ours       trainer.train.train() at --dtype / --compile, on random-token shards
              written with trainer.data.write_shard into a temp dir: its whole loop,
              data loading, learning-rate schedule, logging and all.
@@ -40,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from trainer import perf  # noqa: E402
 from trainer.data import token_dtype, write_shard  # noqa: E402
@@ -70,7 +72,8 @@ def reference_loop(config: GPTConfig, batch: int, steps: int, warmup_steps: int,
         x = torch.stack([data[i:i + T] for i in starts]).to(device)
         y = torch.stack([data[i + 1:i + 1 + T] for i in starts]).to(device)
         with autocast:
-            _, loss = model(x, y)
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -56,7 +56,7 @@ def test_val_metrics_equals_one_full_forward(tmp_path):
     shards = random_shards(tmp_path, [16 * 5 + 7, 16 * 4 + 1])
     x, y = all_windows(shards, 16)
     with torch.no_grad():
-        logits, loss = model.eval()(x, y)
+        logits, loss = model.eval()(x)[0], model(x, y)[1]
 
     model.train()
     m = val_metrics(model, shards, batch_size=3, max_tokens=None)
@@ -290,7 +290,7 @@ def test_evaluate_end_to_end(run):
     model, _ = load_model(d / "model.pt")
     x, y = all_windows(Shards([d / "val_000000.bin"]), 16)
     with torch.no_grad():
-        logits, loss = model(x, y)
+        logits, loss = model(x)[0], model(x, y)[1]
     assert m["checkpoint_step"] == 60
     assert m["tokens_evaluated"] == y.numel()
     assert m["loss"] == pytest.approx(loss.item(), rel=1e-5)
