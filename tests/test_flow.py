@@ -232,3 +232,29 @@ def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
     assert store.manifest("train", again["train"])["stats"]["resumed_from"] is None
     fresh_model = torch.load(store.path("train", again["train"]) / "model.pt", weights_only=True)["model"]
     assert all(torch.equal(fresh_model[k], resumed_model[k]) for k in fresh_model)  # bit-identical
+
+
+def test_generate_and_export_commands_on_a_model_artifact(first_run, tmp_path):
+    import subprocess
+    import sys
+
+    store, _, versions = first_run
+
+    def c2m(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],
+                              capture_output=True, text=True, timeout=120)
+
+    out = c2m("generate", versions["train"][:8], "-p", "The", "-n", "2", "--tokens", "12", "--seed", "7")
+    assert out.returncode == 0, out.stderr
+    samples = out.stdout.split("-" * 40 + "\n")[:-1]
+    assert len(samples) == 2 and all(s.startswith("The") and len(s) > len("The\n") for s in samples)
+    assert c2m("generate", versions["train"][:8], "-p", "The", "-n", "2", "--tokens", "12",
+               "--seed", "7").stdout == out.stdout  # seeded
+    assert f"train/{versions['train']}" in out.stderr
+
+    exported = c2m("export", "--out", str(tmp_path / "hf"))  # LATEST
+    assert exported.returncode == 0, exported.stderr
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
+
+    missing = c2m("generate", "nope")
+    assert missing.returncode == 1 and missing.stderr.strip().startswith("error: train/nope")
