@@ -94,3 +94,15 @@ def tiny_overrides(corpus: Path, artifacts: Path) -> dict:
         "evaluate.samples": 1,
         "evaluate.sample_tokens": 8,
     }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tiny models: they gain nothing from threads, and spinning OpenMP threads crawl
+    when another process shares the cores (measured: 10x slower generation on 2 busy cores)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

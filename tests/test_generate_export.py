@@ -23,14 +23,7 @@ TEXTS = [
 ] * 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # tiny models gain nothing from threads, and spinning OpenMP threads crawl when
-    # another process shares the cores (measured: 10x slower generation on 2 busy cores)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_gpt(*, vocab_size=300, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=True, seed=0,
