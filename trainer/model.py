@@ -44,17 +44,24 @@ class CausalSelfAttention(nn.Module):
         if past is not None:  # generation: x follows the cached positions, which it may all see
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
-        # Attention runs in float32 even under bf16 autocast: torch's CPU bf16 attention
-        # backward is slow at small head sizes, and attention is a small share of the
-        # FLOPs. Measured, tokens/s of whole bf16 steps on 2 cores, float32 -> bf16 attention:
-        # head size 64 (4x256 model) eager 9,500 -> 10,000, compiled 10,200 -> 10,800, but
-        # head size 32 (4x128 demo model) eager 14,200 -> 12,000, compiled 18,600 -> 13,900.
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.scaled_dot_product_attention(
-                q.float(), k.float(), v.float(), attn_mask=mask, is_causal=mask is None,
-                dropout_p=self.dropout if self.training else 0.0)
+        if x.device.type == "cpu":
+            # On the CPU attention runs in float32 even under bf16 autocast: torch's CPU bf16
+            # attention backward is slow at small head sizes. Measured, tokens/s of whole bf16
+            # steps on 2 cores, float32 -> bf16 attention: head size 64 (4x256 model) eager
+            # 9,500 -> 10,000, compiled 10,200 -> 10,800, but head size 32 (4x128 demo model)
+            # eager 14,200 -> 12,000, compiled 18,600 -> 13,900.
+            with torch.autocast("cpu", enabled=False):
+                y = self._attend(q.float(), k.float(), v.float(), mask)
+        else:  # on GPUs in the autocast dtype, so the fused (flash) kernels run
+            y = self._attend(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y)), (k, v)
+
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                              dropout_p=self.dropout if self.training else 0.0)
 
 
 class MLP(nn.Module):
