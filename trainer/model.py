@@ -127,12 +127,17 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab), None); with targets (B, T), -> (None,
-        mean cross-entropy). A loss is computed without ever building the logits (see
+        mean cross-entropy). On the CPU a loss is computed without ever building the logits (see
         chunked_cross_entropy: that is most of a CPU training step's head), so a caller that
         wants both calls model(idx) and takes the loss of those logits itself."""
         h, _ = self.hidden_states(idx)
         if targets is None:
             return self.lm_head(h), None
+        if h.device.type != "cpu":
+            # GPUs have the bandwidth for the full logits, and one large matmul keeps them
+            # busier than many chunks (the chunked path was measured on CPUs only)
+            logits = self.lm_head(h).float()
+            return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return None, chunked_cross_entropy(h, self.lm_head.weight, targets)
 
     def forward_cached(self, idx: torch.Tensor, cache: list[KV] | None = None
