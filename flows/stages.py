@@ -282,9 +282,14 @@ def build_evaluate(ctx: StageContext) -> dict:
         batch_size=e["batch_size"], max_tokens=max_tokens, samples=e["samples"],
         sample_tokens=e["sample_tokens"], temperature=e["temperature"], top_k=e["top_k"] or None,
         top_p=e["top_p"] if e["top_p"] < 1 else None, seed=e["seed"])
-    # the same val windows for every kept checkpoint: the curve and the final figure agree
-    curve = evaluate_checkpoints(sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt")), val,
-                                 metrics["tokens_per_byte"], e["batch_size"], max_tokens)
+    # the same val windows for every kept checkpoint: the curve and the final figure agree;
+    # the last checkpoint is model.pt, scored above
+    final = metrics["checkpoint_step"]
+    earlier = [p for p in sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt"))
+               if int(p.stem.removeprefix("step_")) != final]
+    curve = evaluate_checkpoints(earlier, val, metrics["tokens_per_byte"], e["batch_size"], max_tokens)
+    curve.append({"step": final, "tokens": metrics["tokens_evaluated"],
+                  **{k: metrics[k] for k in ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte")}})
     plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"])
     metrics["curve"] = curve
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))

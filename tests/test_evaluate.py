@@ -132,11 +132,11 @@ def test_val_metrics_too_short_names_the_shard(tmp_path):
 
 def test_bits_per_byte_by_hand():
     # 2 bits per token, 4 bytes per token -> 0.5 bits per byte
-    assert bits_per_byte(math.log(4), n_tokens=1000, n_bytes=4000) == pytest.approx(0.5)
+    assert bits_per_byte(math.log(4), tokens_per_byte=1000 / 4000) == pytest.approx(0.5)
     # 1.5 nats = 2.16404256 bits per token; 300 tokens over 1000 bytes
-    assert bits_per_byte(1.5, n_tokens=300, n_bytes=1000) == pytest.approx(0.649212768, rel=1e-8)
+    assert bits_per_byte(1.5, tokens_per_byte=300 / 1000) == pytest.approx(0.649212768, rel=1e-8)
     with pytest.raises(ValueError):
-        bits_per_byte(1.0, 10, 0)
+        bits_per_byte(1.0, 0.0)
 
 
 # ---------------------------------------------------------------- compressor anchors

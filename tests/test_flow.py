@@ -225,6 +225,10 @@ def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
     stats = store.manifest("train", resumed["train"])["stats"]
     assert stats["resumed_from"].endswith("step_0000004.pt") and stats["steps"] == 8
     assert not work.exists()
+    evaluated = store.manifest("evaluate", resumed["evaluate"])["stats"]
+    assert [r["step"] for r in evaluated["curve"]] == [2, 4, 6, 8]  # the kept checkpoints; 8 is model.pt
+    assert evaluated["curve"][-1]["loss"] == evaluated["loss"]
+    assert len({r["loss"] for r in evaluated["curve"]}) == 4
     resumed_model = torch.load(store.path("train", resumed["train"]) / "model.pt", weights_only=True)["model"]
     # the same version built in one go, from scratch
     again = corpus_to_model(config="configs/demo.toml", overrides=longer, stages=["train"], force=True)

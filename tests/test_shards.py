@@ -112,20 +112,6 @@ def test_sequential_windows(three_shards):
     assert torch.equal(torch.stack([x for x, _ in limited]), xs[:6])
 
 
-def test_token_counts(tmp_path):
-    rng = np.random.default_rng(3)
-    parts = [rng.integers(0, 50, size=n).astype(np.uint16) for n in (0, 7, 1234, 999)]
-    paths = []
-    for i, part in enumerate(parts):
-        paths.append(tmp_path / f"{i}.bin")
-        write_shard(paths[-1], part)
-    counts = Shards(paths).token_counts(64)
-    assert counts.shape == (64,)
-    np.testing.assert_array_equal(counts, np.bincount(np.concatenate(parts), minlength=64))
-    with pytest.raises(ValueError, match="vocab_size"):
-        Shards(paths).token_counts(10)
-
-
 def test_no_shards():
     with pytest.raises(ValueError, match="shard"):
         Shards([])

@@ -23,7 +23,6 @@ MAGIC = 20240520
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
 VERSION_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
-COUNT_CHUNK = 1 << 24  # tokens per bincount chunk: bounds memory for huge shards
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -128,18 +127,6 @@ class Shards:
                 window = torch.from_numpy(tokens[start:start + block_size + 1].astype(np.int64))
                 yielded += block_size
                 yield window[:-1], window[1:]
-
-    def token_counts(self, vocab_size: int) -> np.ndarray:
-        """How often each token id occurs across all shards, shape (vocab_size,) int64."""
-        counts = np.zeros(vocab_size, dtype=np.int64)
-        for path, tokens in zip(self.paths, self.tokens):
-            for start in range(0, len(tokens), COUNT_CHUNK):
-                chunk = np.bincount(tokens[start:start + COUNT_CHUNK], minlength=vocab_size)
-                if len(chunk) > vocab_size:
-                    raise ValueError(f"{path} holds token id {len(chunk) - 1}, "
-                                     f"not below vocab_size {vocab_size}")
-                counts += chunk
-        return counts
 
 
 class EpochLoader:

@@ -44,11 +44,12 @@ COMPRESSORS = {
 COMPRESS_CHUNK_BYTES = 1 << 22  # bytes handed to the compressors at a time: bounds memory
 
 
-def bits_per_byte(loss_nats: float, n_tokens: int, n_bytes: float) -> float:
-    """Convert mean nats per token to bits per byte of the text those tokens encode."""
-    if n_tokens <= 0 or n_bytes <= 0:
-        raise ValueError(f"need positive token and byte counts, got {n_tokens} tokens, {n_bytes} bytes")
-    return loss_nats / math.log(2) * (n_tokens / n_bytes)
+def bits_per_byte(loss_nats: float, tokens_per_byte: float) -> float:
+    """Convert mean nats per token to bits per byte of the text those tokens encode
+    (tokens_per_byte: the tokens over the UTF-8 bytes they decode to)."""
+    if not tokens_per_byte > 0:
+        raise ValueError(f"tokens per byte must be positive, got {tokens_per_byte}")
+    return loss_nats / math.log(2) * tokens_per_byte
 
 
 def unigram_entropy(counts: np.ndarray) -> float:
@@ -241,7 +242,7 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
     if n_bytes == 0:
         raise ValueError(f"the evaluated val tokens of {', '.join(map(str, val_shards))} decode to no "
                          "text; use more val data or a larger max_tokens")
-    model_bpb = bits_per_byte(metrics["loss"], n_tokens, n_bytes)
+    model_bpb = bits_per_byte(metrics["loss"], n_tokens / n_bytes)
     compressors = {name: 8 * size / n_bytes for name, size in sizes.items()}
     unigram = unigram_entropy(counts)
 
@@ -264,7 +265,7 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
         "tokens_per_byte": n_tokens / n_bytes,
         "bits_per_byte": model_bpb,
         "unigram_entropy": unigram,
-        "unigram_bits_per_byte": bits_per_byte(unigram, n_tokens, n_bytes),
+        "unigram_bits_per_byte": bits_per_byte(unigram, n_tokens / n_bytes),
         "beats_unigram": metrics["loss"] < unigram,
         "compressors": compressors,
         "beats_compressors": [name for name, bpb in compressors.items() if model_bpb < bpb],
@@ -285,7 +286,7 @@ def evaluate_checkpoints(checkpoint_paths: list[Path], val_shards: list[Path], t
         model, ckpt = load_model(path, device)
         m = val_metrics(model, shards, batch_size, max_tokens)
         records.append({"step": int(ckpt.get("step", 0)), **m,
-                         "bits_per_byte": bits_per_byte(m["loss"], m["tokens"], m["tokens"] / tokens_per_byte)})
+                         "bits_per_byte": bits_per_byte(m["loss"], tokens_per_byte)})
     return sorted(records, key=lambda r: r["step"])
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from trainer.generate import EOT
 from trainer.model import GPT, load_model
 
-EOT = "<|endoftext|>"
 
 # our parameter name -> GPT-2's, per block (under transformer.h.{i}.)
 BLOCK_NAMES = {"ln1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",

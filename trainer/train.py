@@ -309,14 +309,14 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         return step_loss
 
     def validate(step: int) -> dict:
-        from trainer.evaluate import val_metrics  # evaluate imports model, not train: no cycle
+        from trainer.evaluate import bits_per_byte, val_metrics  # evaluate imports model, not train
 
         with autocast:  # val_metrics switches to eval mode and back
             m = val_metrics(raw_model, val_data, cfg.batch_size, cfg.eval_tokens or None)
         record = {"step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"],
                   "val_top5_accuracy": m["top5_accuracy"], "val_tokens": m["tokens"]}
         if val_tokens_per_byte:
-            record["val_bits_per_byte"] = m["loss"] / math.log(2) * val_tokens_per_byte
+            record["val_bits_per_byte"] = bits_per_byte(m["loss"], val_tokens_per_byte)
         log(f"val    {step:6d} | loss {m['loss']:.4f} | accuracy {m['accuracy']:.3f}"
             + (f" | {record['val_bits_per_byte']:.3f} bits/byte" if val_tokens_per_byte else ""))
         return record
