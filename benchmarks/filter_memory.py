@@ -50,7 +50,7 @@ def measure(copies: int, docs_per_partition: int) -> dict:
 
     cfg = load_config(str(ROOT / "configs" / "wcxb.toml"),
                       {"dask.workers": 2, "dask.local_directory": str(work / "dask")})
-    parallel.client(cfg["dask"])  # started before measuring: start-up is not the stage
+    parallel.client(cfg.dask)  # started before measuring: start-up is not the stage
     me = psutil.Process()
     peak = {"driver": 0, "workers": 0, "total": 0}
     stop = threading.Event()

@@ -39,8 +39,8 @@ import gzip
 import json
 import sys
 import time
-import tomllib
 from collections import Counter
+from dataclasses import asdict, replace
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -50,8 +50,9 @@ sys.path.insert(0, str(ROOT))
 from corpus.documents import Rejected  # noqa: E402
 from corpus.extract import html_to_text  # noqa: E402
 from corpus.normalize import normalize_text  # noqa: E402
-from corpus.quality import (DEFAULTS, GROUP_ORDER, REASONS, quality_failures,  # noqa: E402
-                            quality_filter, quality_values, resolve_config)
+from corpus.quality import (GROUP_ORDER, GROUPS, REASONS, QualityConfig,  # noqa: E402
+                            quality_config, quality_failures, quality_filter, quality_values)
+from flows.config import load_config  # noqa: E402
 
 DEFAULT_WCXB = ROOT.parent / "shared" / "data" / "wcxb-dev"
 SENSITIVITY = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -93,9 +94,16 @@ def _share(counter: Counter, n: int) -> dict[str, float]:
     return {k: round(v / n, 4) for k, v in counter.most_common()} if n else {}
 
 
-def _throughput(docs: list[dict], config: dict, repeat: int) -> dict:
+def _with(config: QualityConfig, **groups: dict) -> QualityConfig:
+    """`config` with some settings of every group replaced: _with(c, enabled=..., skip=[])."""
+    return QualityConfig(**{g: replace(getattr(config, g), **{k: v(g) if callable(v) else v
+                                                              for k, v in groups.items()})
+                            for g in GROUPS})
+
+
+def _throughput(docs: list[dict], config: QualityConfig, repeat: int) -> dict:
     n_bytes = sum(len(d["text"].encode("utf-8")) for d in docs)
-    every_rule = {g: {"skip": []} for g in DEFAULTS}
+    every_rule = _with(config, enabled=True, skip=[])
     best_step = best_all = float("inf")
     for _ in range(repeat):
         started = time.perf_counter()
@@ -113,10 +121,9 @@ def _throughput(docs: list[dict], config: dict, repeat: int) -> dict:
     return {"step": rates(best_step), "all_rules": rates(best_all)}
 
 
-def evaluate(name: str, docs: list[dict], config: dict, repeat: int) -> dict:
+def evaluate(name: str, docs: list[dict], config: QualityConfig, repeat: int) -> dict:
     n = len(docs)
-    config = resolve_config(config)
-    optional = {r for g in DEFAULTS for r in DEFAULTS[g]["skip"]}
+    optional = {r for g in GROUPS for r in getattr(QualityConfig(), g).skip}
 
     reasons: Counter[str] = Counter()
     kept_by_type: Counter[str] = Counter()
@@ -131,20 +138,19 @@ def evaluate(name: str, docs: list[dict], config: dict, repeat: int) -> dict:
 
     group_alone = {}
     for group in GROUP_ORDER:
-        alone = {g: dict(config[g], enabled=(g == group)) for g in config}
+        alone = _with(config, enabled=lambda g: g == group)
         dropped = Counter(item.reason for item in quality_filter(docs, config=alone)
                           if isinstance(item, Rejected))
         group_alone[group] = {"dropped": round(sum(dropped.values()) / n, 4) if n else 0.0,
                               "by_reason": _share(dropped, n)}
 
-    every_rule = {g: dict(config[g], enabled=True, skip=[]) for g in config}
+    every_rule = _with(config, enabled=True, skip=[])
+    fineweb_only = quality_config({g: {"enabled": g == "fineweb"} for g in GROUPS})
     independent: Counter[str] = Counter()
     dup_chars = []
     for doc in docs:
         independent.update(reason for reason, _ in quality_failures(doc["text"], every_rule))
-        dup_chars.append(quality_values(doc["text"], {g: {"enabled": g == "fineweb"}
-                                                      for g in DEFAULTS})
-                         ["fineweb_dup_line_chars"])
+        dup_chars.append(quality_values(doc["text"], fineweb_only)["fineweb_dup_line_chars"])
     ordered = [r for g in GROUP_ORDER for r in REASONS[g]]
     result = {
         "corpus": name,
@@ -165,19 +171,6 @@ def evaluate(name: str, docs: list[dict], config: dict, repeat: int) -> dict:
         result["by_page_type_kept"] = {
             t: f"{kept_by_type[t]}/{n_by_type[t]}" for t, _ in n_by_type.most_common()}
     return result
-
-
-def _parse_sets(items: list[str]) -> dict:
-    config: dict[str, dict] = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        group, _, name = key.partition(".")
-        try:
-            parsed = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed = value
-        config.setdefault(group, {})[name] = parsed
-    return config
 
 
 def _print_report(r: dict) -> None:
@@ -216,8 +209,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="GROUP.KEY=VALUE",
                         help="override a quality setting, e.g. fineweb.max_dup_line_chars=0.1")
     args = parser.parse_args()
-    config = _parse_sets(args.set)
-    resolve_config(config)  # fail early on a typo
+    # the run config's [quality] section with --set laid over it: checked like a run's
+    sets = dict(item.partition("=")[::2] for item in args.set)
+    config = load_config(None, {f"quality.{k}": v for k, v in sets.items()}).quality
 
     results = []
     load_seconds = {}
@@ -232,7 +226,7 @@ def main() -> None:
         print(f"{name}: {len(docs)} documents extracted in {load_seconds[name]} s", flush=True)
         results.append(evaluate(name, docs, config, args.repeat))
         _print_report(results[-1])
-    print(json.dumps({"config": resolve_config(config), "load_seconds": load_seconds,
+    print(json.dumps({"config": asdict(config), "load_seconds": load_seconds,
                       "results": results}))
 
 

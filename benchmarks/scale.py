@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,9 +88,9 @@ def write_corpus(folder: Path, copies: int, pages: int) -> tuple[int, int]:
     return n, size
 
 
-def run_stages(cfg: dict, corpus: Path, work: Path, stages=DATA_STAGES) -> dict:
+def run_stages(cfg, corpus: Path, work: Path, stages=DATA_STAGES) -> dict:
     """Build the given stages in order into `work`; returns per-stage figures."""
-    cfg["source"].update(kind="path", path=str(corpus))
+    cfg = replace(cfg, source=replace(cfg.source, kind="path", path=str(corpus)))
     figures, done = {}, {}
     for name in stages:
         stage = STAGES[name]
@@ -99,7 +100,7 @@ def run_stages(cfg: dict, corpus: Path, work: Path, stages=DATA_STAGES) -> dict:
                            manifests={i: {"stats": done[i][1]} for i in stage.inputs},
                            out=out, log=lambda m: None)
         if name == "extract":
-            parallel.client(cfg["dask"])  # start-up is not extraction time
+            parallel.client(cfg.dask)  # start-up is not extraction time
         with PeakRSS() as rss:
             started = time.perf_counter()
             stats = stage.build(ctx)
@@ -112,7 +113,7 @@ def run_stages(cfg: dict, corpus: Path, work: Path, stages=DATA_STAGES) -> dict:
         if name in ("tokenizer", "shard"):  # these read the deduplicated text
             docs = figures["dedup"]["docs_out"]
             mb = figures["dedup"]["mb_out"]
-        cores = cfg["dask"]["workers"] if name in ("extract", "normalize", "filter", "dedup") else 1
+        cores = cfg.dask.workers if name in ("extract", "normalize", "filter", "dedup") else 1
         figures[name] = {"seconds": round(seconds, 2), "docs": docs, "mb": round(mb, 1),
                          "docs_per_s": round(docs / seconds, 1), "mb_per_s": round(mb / seconds, 2),
                          "docs_per_s_per_core": round(docs / seconds / cores, 1),
@@ -150,9 +151,8 @@ def main() -> None:
     parser.add_argument("--one", type=int, default=0, help=argparse.SUPPRESS)  # internal: one scale
     args = parser.parse_args()
     if args.one:  # a fresh process per scale, so no scale inherits another's heap
-        cfg = load_config(args.config)
-        cfg["filter"]["toxicity"] = "profanity-check"
-        cfg["dask"]["local_directory"] = str(Path(args.workdir) / "dask")
+        cfg = load_config(args.config, {"filter.toxicity": "profanity-check",  # the same scorer at every scale
+                                        "dask.local_directory": str(Path(args.workdir) / "dask")})
         corpus = Path(args.workdir) / f"corpus-{args.one}x"
         write_corpus(corpus, args.one, args.pages)
         try:
@@ -161,10 +161,7 @@ def main() -> None:
             parallel.shutdown()
         return
 
-    base = load_config(args.config)
-    base["filter"]["toxicity"] = "profanity-check"  # the same scorer at every scale
     work = Path(args.workdir or tempfile.mkdtemp(prefix="c2m-scale-"))
-    base["dask"]["local_directory"] = str(work / "dask")
     results: dict = {}
     try:
         for copies in (1, args.scale):
@@ -185,15 +182,15 @@ def main() -> None:
         # extraction speed-up: the same 1x source partitions, 1 worker vs 2
         speed = {}
         for workers in (1, 2):
-            cfg = json.loads(json.dumps(base))
-            cfg["dask"]["workers"] = workers
-            cfg["source"].update(kind="path", path=str(work / "corpus-1x"))
+            cfg = load_config(args.config, {
+                "filter.toxicity": "profanity-check", "dask.local_directory": str(work / "dask"),
+                "dask.workers": workers, "source.kind": "path", "source.path": str(work / "corpus-1x")})
             out = work / f"extract-{workers}w"
             shutil.copytree(work / "run-1x" / "source", out / "source")
             ctx = StageContext(cfg=cfg, inputs={"source": out / "source"}, manifests={},
                                out=out / "extract", log=lambda m: None)
             (out / "extract").mkdir()
-            parallel.client(cfg["dask"])
+            parallel.client(cfg.dask)
             started = time.perf_counter()
             STAGES["extract"].build(ctx)
             speed[workers] = time.perf_counter() - started

@@ -79,11 +79,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    f = load_config(args.config)["filter"]
-    threshold = f["toxicity_threshold"]
-    common = dict(detoxify_model=f["detoxify_model"], checkpoint=f["detoxify_checkpoint"],
-                  config_dir=f["detoxify_config_dir"], max_tokens=f["toxicity_max_tokens"],
-                  batch_size=f["toxicity_batch_size"])
+    f = load_config(args.config).filter
+    threshold = f.toxicity_threshold
+    common = {k: v for k, v in f.scorer_args().items() if k != "int8"}
     scorers = {"profanity-check": load_scorer("profanity-check", **common)}
     try:
         scorers["detoxify"] = load_scorer("detoxify", **common)

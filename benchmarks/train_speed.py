@@ -7,7 +7,8 @@ process, one after the other:
              (default, non-fused), grad-norm clipping at 1.0, random windows of a random
              token tensor in memory (nanoGPT's get_batch), the loss F.cross_entropy of the
              model's logits (nanoGPT's head, not our chunked one);
-  ours       trainer.train.train() at --dtype / --compile, on random-token shards
+  ours       trainer.train.train() at --dtype (auto: what train() picks for this
+             hardware, printed with its reason) / --compile, on random-token shards
              written with trainer.data.write_shard into a temp dir: its whole loop,
              data loading, learning-rate schedule, logging and all.
 
@@ -15,10 +16,13 @@ tokens/s leave out the warm-up steps (ours: train() leaves out its first step, w
 for compilation). MFU = tokens/s * trainer.perf.flops_per_token / trainer.perf.peak_flops:
 a spec-sheet peak on a known NVIDIA GPU, a measured matmul peak on a CPU (printed with
 its source). The 2 cores of the dev machine are shared, so repeat a run before trusting
-a difference of less than ~15%; a busy neighbour can slow 2 spinning OpenMP threads ~3x
-(the run prints the load average; OMP_WAIT_POLICY=PASSIVE or --threads 1 then help).
+a difference of less than ~15%. A busy neighbour slows 2 spinning OpenMP threads 3-10x;
+OMP_WAIT_POLICY=PASSIVE (or --threads 1) then helps, at a cost of 10-18% on an idle machine
+(the run prints the load average and the policy).
 
     .venv/bin/python benchmarks/train_speed.py --dtype bf16 --compile on --steps 60
+    # the demo's model (configs/demo.toml), in the dtype train() picks here:
+    .venv/bin/python benchmarks/train_speed.py --width 128 --context 64 --batch 32 --vocab 4096
     # GPT-2 124M on a GPU:
     .venv/bin/python benchmarks/train_speed.py --layers 12 --heads 12 --width 768 \\
         --context 1024 --vocab 50304 --batch 16 --dtype bf16 --compile on
@@ -52,7 +56,19 @@ from trainer.train import TrainConfig, train  # noqa: E402
 # vocab 8192, batch 16 (the issue's figures): tokens/s by setting
 ISSUE_NANOGPT_TOKENS_PER_S = {"fp32 eager": 3800, "fp32 compile": 4000,
                               "bf16 autocast": 7400, "bf16 autocast + compile": 9400}
-TRAIN_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+TRAIN_DTYPES = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (from /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def reference_loop(config: GPTConfig, batch: int, steps: int, warmup_steps: int,
@@ -123,9 +139,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps of each loop")
     ap.add_argument("--warmup-steps", type=int, default=2,
                     help="untimed steps before them (ours: run too; train() times all but its first)")
-    ap.add_argument("--dtype", choices=TRAIN_DTYPES, default="bf16", help="ours")
+    ap.add_argument("--dtype", choices=TRAIN_DTYPES, default="auto",
+                    help="ours; auto: bf16 where the hardware runs it natively, else fp32")
     ap.add_argument("--compile", choices=("on", "off"), default="off", help="ours: torch.compile")
-    ap.add_argument("--reference-dtype", choices=TRAIN_DTYPES, default="fp32",
+    ap.add_argument("--reference-dtype", choices=("fp32", "bf16"), default="fp32",
                     help="the plain loop's dtype (bf16 = autocast); fp32 is the issue's baseline")
     ap.add_argument("--repeat", type=int, default=1,
                     help="runs of each loop, alternating; the best of each is reported")
@@ -147,11 +164,15 @@ def main() -> None:
                        n_head=args.heads, n_embd=args.width)
     fpt = perf.flops_per_token(config, args.context)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {threads} threads"
+    capability = torch.backends.cpu.get_cpu_capability()
+    dtype, dtype_reason = perf.resolve_dtype(device, TRAIN_DTYPES[args.dtype])
+    args.dtype = SHORT[dtype]  # what train() runs: it resolves "auto" the same way (cached)
     n_params = GPT(config).num_params()
     print(f"model {args.layers} layers x {args.heads} heads x {args.width} wide, context "
           f"{args.context}, vocab {args.vocab}: {n_params / 1e6:.2f} M parameters, "
           f"{fpt / 1e6:.1f} MFLOP/token (fwd+bwd); batch {args.batch}, {args.steps} timed steps "
           f"after {args.warmup_steps} warm-up; {where}, torch {torch.__version__}")
+    print(f"cpu: {cpu_model()}, capability {capability}; ours in {dtype}: {dtype_reason}")
     # other processes on the cores slow both loops, and 2-thread OpenMP far more than 1
     load_before = os.getloadavg()[0]
 
@@ -185,8 +206,8 @@ def main() -> None:
           f" on {os.cpu_count()} cores; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     if device.type == "cpu" and load_before >= 1.0 and threads > 1 \
             and os.environ.get("OMP_WAIT_POLICY", "").lower() != "passive":
-        # measured on the 2-core dev box with a neighbour busy: 2 spinning OpenMP threads
-        # ran the bf16 step ~3x slower than with OMP_WAIT_POLICY=PASSIVE or 1 thread
+        # measured on the 2-core dev box with one busy neighbour: 2 spinning OpenMP threads
+        # ran the demo model ~3x slower than with OMP_WAIT_POLICY=PASSIVE or 1 thread
         print("note: other processes were busy on these cores; spinning OpenMP threads then "
               "wait on a descheduled partner. Compare with OMP_WAIT_POLICY=PASSIVE or --threads 1")
     peak, source = perf.peak_flops(device, args.dtype)  # as train() saw it: tf32 on a GPU
@@ -201,8 +222,11 @@ def main() -> None:
 
     print(f"\n{'loop':40s} {'tokens/s':>10s} {'GFLOP/s':>9s} {'MFU':>7s}")
     for name, tok_s, (row_peak, _) in rows:
+        row_mfu = perf.mfu(tok_s, fpt, row_peak)
         print(f"{name:40s} {tok_s:10,.0f} {tok_s * fpt / 1e9:9.1f} "
-              f"{perf.mfu(tok_s, fpt, row_peak):7.2%}")
+              + (f"{row_mfu:7.2%}" if row_mfu is not None else "    n/a"))
+    if any(perf.mfu(tok_s, fpt, row_peak) is None for _, tok_s, (row_peak, _) in rows):
+        print(perf.PEAK_TOO_LOW)
     for name, _, (row_peak, row_source) in rows:
         print(f"peak for {name.split(':')[0]}: {row_peak / 1e12:.3f} TFLOP/s ({row_source})")
     speedup = ours["tokens_per_s"] / reference["tokens_per_s"] if reference else None
@@ -221,7 +245,8 @@ def main() -> None:
         "tokens_per_s": round(ours["tokens_per_s"], 1),
         "reference_tokens_per_s": round(reference["tokens_per_s"], 1) if reference else None,
         "speedup": round(speedup, 3) if speedup else None,
-        "mfu": round(perf.mfu(ours["tokens_per_s"], fpt, peak), 4),
+        "mfu": round(ours["mfu"], 4) if ours["mfu"] is not None else None,
+        "dtype": dtype, "dtype_reason": dtype_reason, "cpu": cpu_model(), "cpu_capability": capability,
         "peak_flops": peak, "peak_source": source,
         "flops_per_token": fpt, "compile_seconds": compile_seconds,
         "device": where, "load_average": [round(load_before, 2), round(load_after, 2)],

@@ -15,9 +15,11 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from corpus.documents import Rejected, read_docs
 
@@ -83,33 +85,25 @@ _CHUNK = 1 << 14                     # shingle columns per permutation block
 _BATCH_CHARS = 1 << 16               # code points per batch of texts: fits in cache
 
 
-class NearDupConfig(NamedTuple):
-    bands: int = 14            # LSH bands (FineWeb: 14)
-    rows: int = 8              # rows per band (FineWeb: 8); num_perm = bands * rows
-    ngram: int = 5             # words per shingle
-    seed: int = 1              # permutation parameters
-    threshold: float | None = None   # if set, a bucket-mate joins a cluster only if its
-    #                                  estimated similarity to the bucket's first is >= this
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
+class DedupConfig:
+    """Exact duplicates always go; near duplicates by MinHash LSH (FineWeb: 14 x 8, 5-grams)."""
+    near: bool = Field(True, description="MinHash LSH near duplicates after exact ones")
+    bands: int = Field(14, ge=1, le=1024, description="LSH bands; bands x rows = permutations")
+    rows: int = Field(8, ge=1, le=1024, description="rows per band")
+    ngram: int = Field(5, ge=1, le=64, description="words per shingle")
+    seed: int = Field(1, ge=0, description="permutation parameters")
+    threshold: float = Field(0.0, ge=0, le=1, description=(
+        "> 0: a bucket-mate joins a cluster only if its estimated similarity to the "
+        "bucket's first reaches this; 0 = off"))
 
     @property
     def num_perm(self) -> int:
         return self.bands * self.rows
 
 
-NEAR_DUP_DEFAULTS = NearDupConfig()._asdict()
-
-
-def _config(config: dict) -> NearDupConfig:
-    unknown = set(config) - set(NearDupConfig._fields)
-    if unknown:
-        raise TypeError(f"unknown near-dedup settings {sorted(unknown)}; "
-                        f"known: {', '.join(NearDupConfig._fields)}")
-    cfg = NearDupConfig(**config)
-    if cfg.bands < 1 or cfg.rows < 1 or cfg.ngram < 1:
-        raise ValueError(f"bands, rows and ngram must be >= 1, got {cfg}")
-    if cfg.threshold is not None and not 0 <= cfg.threshold <= 1:
-        raise ValueError(f"threshold must be in [0, 1] or None, got {cfg.threshold}")
-    return cfg
+def _config(config: dict) -> DedupConfig:
+    return DedupConfig(**config)
 
 
 def normalize_for_shingles(text: str) -> list[str]:
@@ -368,7 +362,7 @@ def near_duplicate_map(parts: Iterable[tuple[Sequence[str], np.ndarray]], **conf
                          f"{cfg.num_perm}: compute them with the same settings")
     valid = ~(sig == np.iinfo(sig.dtype).max).all(axis=1)   # texts with no words
     pairs = candidate_pairs(band_hashes(sig, cfg.bands, cfg.rows), valid)
-    if cfg.threshold is not None and len(pairs):
+    if cfg.threshold > 0 and len(pairs):
         pairs = pairs[similarity(sig[pairs[:, 0]], sig[pairs[:, 1]]) >= cfg.threshold]
     uf = _UnionFind(len(ids))
     for i, j in pairs.tolist():

@@ -78,6 +78,8 @@ COLUMN_TYPES = {
     "language": pa.string(), "language_score": pa.float64(),
     # raw documents read from WARC files
     "url": pa.string(), "fetch_date": pa.string(), "http_charset": pa.string(),
+    # how extract decoded bytes that did not decode cleanly with their declared charset
+    "decoding": pa.string(),
 }
 # Every rejected/ file has these columns, whichever reasons it holds.
 REJECTED_COLUMNS = ("id", "source", "text", "reason", "error", "value", "language", "toxicity",

@@ -20,9 +20,14 @@ whole page is mostly links: a link aggregator). A block holding more than half o
 page's words is never dropped for its hints. Lists, tables and code inside the content
 stay. A page left with almost no text is laid out again with fewer drops.
 
-Guards: `extract` rejects pages over MAX_BYTES unparsed ("too_large") and pages whose
-extraction runs past TIME_BUDGET_S ("extract_timeout"; the walks check the clock,
-no signals, so it works in Dask worker threads).
+Guards: `extract` rejects pages over MAX_BYTES unparsed ("too_large"), pages whose
+parse or extraction runs past TIME_BUDGET_S ("extract_timeout"; the parse and the
+walks check the clock, no signals, so it works in Dask worker threads), and what is
+not text: "binary" data (a binary file signature, or more than BINARY_SHARE control
+bytes such as NUL; judged before decoding) and "not_text", text more than
+NOT_TEXT_SHARE U+FFFD or control characters. A declared charset that fails badly on
+the bytes gives way to charset detection; kept documents say in `decoding` how bytes
+that did not decode cleanly with their declared charset were decoded.
 
 Word-bag F1 against WCXB's ground truth (dev split, 1,337 pages with ground truth,
 macro; `benchmarks/extract_quality.py`): 0.859 here vs 0.827 for trafilatura 2.3.1
@@ -40,7 +45,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 from bs4 import (BeautifulSoup, MarkupResemblesLocatorWarning, NavigableString, Tag,
                  XMLParsedAsHTMLWarning)
-from bs4.dammit import EncodingDetector, UnicodeDammit
+from bs4.dammit import EncodingDetector
 
 from corpus.documents import Rejected
 
@@ -87,11 +92,12 @@ MIN_MAIN_SHARE = 0.5
 MIN_TEXT_CHARS = 200
 
 # Guards against pathological pages (both overridable per call and in the `extract`
-# step). The lxml parse can't be interrupted, so the size cap bounds it: the largest
-# WCXB page (5.3 MB, mostly scripts) parses in 0.12 s and the slowest takes 0.35 s end
-# to end, but markup made of nothing but tiny elements parses at ~1-2 s per MB here, so
-# 8 MiB keeps every real page seen and bounds the worst parse at ~10-15 s. Everything
-# after the parse (tree walks, scoring) checks the clock and gives up past the budget.
+# step). The largest WCXB page (5.3 MB, mostly scripts) parses in 0.12 s and the
+# slowest takes 0.35 s end to end, but markup made of nothing but tiny elements
+# (<br>, <p>, <span>a</span> ...) builds a bs4 tree at only 20k-50k nodes per second:
+# 8 MiB of it took 13 to 105 s and up to 2 GB. So the parse checks the clock too
+# (`_Soup`), as do the tree walks after it, and gives up past the budget; the size cap
+# keeps the text and tree of a page that fits the budget in bounds.
 MAX_BYTES = 8 * 2**20
 TIME_BUDGET_S = 5.0
 # Nodes visited between two looks at the clock.
@@ -104,11 +110,14 @@ _ASCII_WS = " \t\n\r\f"
 _WS = re.compile(r"[ \t\n\r\f]+")
 _SPACES = re.compile(r" {2,}")
 _TAB_SPACES = re.compile(r" *\t *")
-# Undeclared pages that are not UTF-8 go to charset detection only with at least this
-# many undecodable bytes; with fewer, detection guesses wildly, and windows-1252 is
-# the HTML standard's default.
+# Bytes that neither UTF-8 nor the declared charset fit go to charset detection only
+# with at least this many undecodable bytes; with fewer, detection guesses wildly, and
+# windows-1252 is the HTML standard's default.
 MIN_DETECT_BYTES = 64
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+# A declared charset fails badly (and detection gets a say) when it leaves more than this
+# many bad bytes and more bad bytes than good non-ASCII characters; with fewer, the
+# declaration wins (a few stray bytes on a page in the declared charset).
+FEW_BAD_BYTES = 8
 _DISPLAY_NONE = re.compile(r"display\s*:\s*none")
 _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32-le"),
          (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF16_LE, "utf-16-le"),
@@ -116,10 +125,13 @@ _BOMS = ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF32_LE, "utf-32-le"),
 
 
 # Labels browsers read as a superset encoding (the WHATWG Encoding Standard), as Python
-# codec names.
+# codec names; and the JIS X 0213 variants charset detection names, which browsers
+# decode as EUC-JP and Shift_JIS.
 _SUPERSETS = {"iso8859-1": "cp1252", "ascii": "cp1252", "iso8859-9": "cp1254",
               "tis-620": "cp874", "iso8859-11": "cp874", "gb2312": "gb18030",
-              "gbk": "gb18030", "euc_kr": "cp949", "shift_jis": "cp932"}
+              "gbk": "gb18030", "euc_kr": "cp949", "shift_jis": "cp932",
+              "euc_jis_2004": "euc_jp", "euc_jisx0213": "euc_jp",
+              "shift_jis_2004": "cp932", "shift_jisx0213": "cp932"}
 
 
 def _codec_name(label: str | None) -> str | None:
@@ -138,6 +150,18 @@ def _codec_name(label: str | None) -> str | None:
     if name.startswith(("utf-16", "utf-32")):
         return "utf-8"
     return _SUPERSETS.get(name, name)
+
+
+# The legacy encodings of the web (the WHATWG Encoding Standard), as codec names:
+# detection also names DOS and Mac code pages (cp852, mac-latin2 ...) that no browser
+# decodes a page with; measured on WCXB pages re-encoded, those guesses were all wrong.
+WEB_CHARSETS = frozenset(_codec_name(label) for label in (
+    "utf-8", "ibm866", "iso-8859-2", "iso-8859-3", "iso-8859-4", "iso-8859-5", "iso-8859-6",
+    "iso-8859-7", "iso-8859-8", "iso-8859-10", "iso-8859-13", "iso-8859-14", "iso-8859-15",
+    "iso-8859-16", "koi8-r", "koi8-u", "macintosh", "mac-cyrillic", "cp874",
+    "windows-1250", "windows-1251", "windows-1252", "windows-1253", "windows-1254",
+    "windows-1255", "windows-1256", "windows-1257", "windows-1258", "gb18030", "big5",
+    "euc-jp", "iso-2022-jp", "shift_jis", "euc-kr"))
 
 
 def _declared_encoding(data: bytes) -> str | None:
@@ -159,39 +183,129 @@ def _is_utf8(data: bytes) -> bool:
     return True
 
 
-def decode_html(data: bytes, charset: str | None = None) -> str:
+class Decoded(NamedTuple):
+    text: str
+    charset: str  # the Python codec that decoded the bytes
+    # None when the bytes decoded cleanly with the charset the page declared (BOM, HTTP
+    # header or <meta>) or, undeclared, as UTF-8; else what was done: the `decoding`
+    # column of the extract stage
+    problem: str | None
+
+
+def _non_ascii(text: str) -> int:
+    return len(text) - len(text.encode("ascii", "ignore"))
+
+
+def _replaced(data: bytes, encoding: str) -> str | None:
+    try:
+        return data.decode(encoding, "replace")
+    except (UnicodeError, LookupError, ValueError):  # odd codecs raise odd errors
+        return None
+
+
+# Charset detection reads the words that hold non-ASCII bytes, up to this many bytes of
+# them: given a whole page, the detector samples a few chunks, mostly markup and
+# scripts, and misreads a page whose text is a small part of it (15 languages, text
+# inside 40 KB of markup: 12 read right from the words, none from the whole page).
+DETECT_SAMPLE_BYTES = 2**16
+_NON_ASCII_TAIL = re.compile(rb"[\x80-\xff][^\s<>]*")  # a word from its first such byte
+_WORD_BREAK = re.compile(rb"[\s<>\x80-\xff]")
+
+
+def _detection_sample(data: bytes) -> bytes:
+    words, size = [], 0
+    for match in _NON_ASCII_TAIL.finditer(data):
+        start = match.start()
+        # the word's ASCII head, found backwards in a few bytes (a regex that started
+        # each match there would backtrack over every long ASCII token of the page)
+        head = _WORD_BREAK.split(data[max(0, start - 24):start])[-1]
+        words.append(head + match.group())
+        size += len(words[-1]) + 1
+        if size >= DETECT_SAMPLE_BYTES:
+            break
+    return b" ".join(words)
+
+
+def _guess(data: bytes, bad: int, exclude: list[str]) -> Decoded:
+    """For bytes that no declared charset fits (`bad`: how many bytes UTF-8 or the
+    declared charset left undecodable): if there are at least MIN_DETECT_BYTES, charset
+    detection (bs4's EncodingDetector, with charset_normalizer or chardet where
+    installed) on `_detection_sample`, or on the whole page where that finds nothing;
+    then UTF-8 and windows-1252, the HTML standard's default. The first candidate in
+    WEB_CHARSETS and not in `exclude` that decodes strictly wins, else the first with
+    bad bytes replaced."""
+    names: dict[str, str] = {}  # codec: how it was found
+    if bad >= MIN_DETECT_BYTES:
+        for chunk in (_detection_sample(data), data):
+            detector = EncodingDetector(chunk)
+            labels = list(detector.encodings)  # detection (if any), UTF-8, windows-1252
+            if detector.chardet_encoding:
+                break
+        for label in labels:
+            name = _codec_name(label)
+            if name in WEB_CHARSETS and name not in exclude:
+                names.setdefault(name, "detected" if label == detector.chardet_encoding
+                                 else "assumed")
+    names.setdefault("cp1252", "assumed")
+    for name, how in names.items():
+        try:
+            return Decoded(data.decode(name), name, f"{name} {how}")
+        except (UnicodeError, LookupError, ValueError):
+            pass
+    for name, how in names.items():
+        text = _replaced(data, name)
+        if text is not None:
+            return Decoded(text, name, f"{name} {how}")
+    return Decoded(data.decode("cp1252", "replace"), "cp1252", "cp1252 assumed")
+
+
+def decode_html(data: bytes, charset: str | None = None) -> Decoded:
     """Decode raw HTML bytes; never raises. Order, as a browser's: a byte-order mark;
     `charset`, the HTTP Content-Type header's, which outranks the page's own <meta>
     (except that a windows-1252/latin-1 header on bytes that are valid non-ASCII UTF-8
     gives way to UTF-8: that header is often a server default); the declared charset;
-    UTF-8; the header's or declared charset again with bad bytes replaced (one bad byte
-    must not turn a whole page into mojibake). Undeclared: UTF-8 with bad bytes
-    replaced if it is mostly valid UTF-8, else bs4's UnicodeDammit (charset detection,
-    then windows-1252, then replacement characters); windows-1252 if there is too
-    little non-ASCII text to detect anything."""
+    UTF-8. Bytes that none of these decode: the declared charset with its bad bytes
+    replaced, unless it fails badly (FEW_BAD_BYTES; one bad byte must not turn a page
+    into mojibake); then `_guess` (detection), kept if it leaves fewer U+FFFD.
+    Undeclared: UTF-8 with bad bytes replaced if it is mostly valid UTF-8, else
+    `_guess`. The result names the charset used and, where it is not the declared one
+    or bytes were replaced, what happened (`Decoded.problem`)."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
-            return data[len(bom):].decode(encoding, errors="replace")
+            text = data[len(bom):].decode(encoding, errors="replace")
+            bad = text.count("\ufffd")
+            problem = f"{encoding}: {bad} bad bytes replaced" if bad else None
+            return Decoded(text, encoding, problem)
     header = _codec_name(charset)
     if header in _DEFAULT_HEADER_CHARSETS and not data.isascii() and _is_utf8(data):
         header = "utf-8"
-    declared = _declared_encoding(data)
-    for encoding, errors in ((header, "strict"), (declared, "strict"), ("utf-8", "strict"),
-                             (header, "replace"), (declared, "replace")):
-        if encoding:
-            try:
-                return data.decode(encoding, errors)
-            except (UnicodeError, LookupError, ValueError):  # odd codecs raise odd errors
-                pass
+    meta = _declared_encoding(data)
+    declared = [e for e in dict.fromkeys((header, meta)) if e]
+    for encoding in dict.fromkeys((*declared, "utf-8")):
+        try:
+            text = data.decode(encoding)
+        except (UnicodeError, LookupError, ValueError):
+            continue
+        if not declared or encoding == declared[0]:
+            return Decoded(text, encoding, None)
+        return Decoded(text, encoding, f"{encoding}: declared {declared[0]} does not fit")
+    tries = [(t.count("\ufffd"), e, t) for e in declared if (t := _replaced(data, e)) is not None]
+    if tries:
+        bad, encoding, text = min(tries, key=lambda t: t[0])  # the header's on a tie
+        if bad <= FEW_BAD_BYTES or bad < _non_ascii(text) - bad:  # not failing badly
+            return Decoded(text, encoding, f"{encoding}: {bad} bad bytes replaced")
+        guess = _guess(data, bad, declared)
+        if guess.text.count("\ufffd") < bad:
+            return guess._replace(problem=f"{guess.problem}; declared {encoding} left "
+                                          f"{bad} bad bytes")
+        return Decoded(text, encoding, f"{encoding}: {bad} bad bytes replaced, "
+                                       "detection did no better")
     text = data.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
-    if bad <= max(8, len(data) // 1000) and len(_NON_ASCII.findall(text)) - bad >= bad:
-        return text  # UTF-8 with a few bad bytes
-    if bad < MIN_DETECT_BYTES:
-        # too few non-ASCII bytes for charset detection to be more than a guess
-        return data.decode("cp1252", errors="replace")
-    dammit = UnicodeDammit(data, is_html=True, exclude_encodings=["utf-8"])
-    return dammit.unicode_markup if dammit.unicode_markup is not None else text
+    if bad <= max(FEW_BAD_BYTES, len(data) // 1000) and _non_ascii(text) - bad >= bad:
+        return Decoded(text, "utf-8", f"utf-8: {bad} bad bytes replaced")
+    guess = _guess(data, bad, ["utf-8"])
+    return guess._replace(problem=f"{guess.problem}; no charset declared")
 
 
 class ExtractTimeout(RuntimeError):
@@ -210,12 +324,90 @@ class _Clock:
         self.deadline = None if budget_s is None else _now() + budget_s
         self.count = 0
 
-    def check(self) -> None:
+    def check(self, doing: str = "extraction") -> None:
         if self.deadline is not None and _now() > self.deadline:
-            raise ExtractTimeout(f"extraction took over {self.budget:g} s")
+            raise ExtractTimeout(f"{doing} took over {self.budget:g} s")
 
 
 _NO_CLOCK = _Clock(None)
+
+
+class _Soup(BeautifulSoup):
+    """BeautifulSoup + lxml whose parse looks at the clock every _CLOCK_EVERY nodes.
+    lxml calls back into bs4 for every tag, string and comment (`endData` sees them
+    all), and an exception raised there stops the parse: a page of tiny elements just
+    under MAX_BYTES otherwise parsed for 13 to 105 s here (2 busy cores)."""
+
+    def __init__(self, markup: str, clock: _Clock) -> None:
+        self._clock = clock  # before BeautifulSoup.__init__, which parses
+        self._nodes = 0
+        super().__init__(markup, "lxml")
+
+    def endData(self, containerClass=None) -> None:  # noqa: N802, N803 - bs4's names
+        self._nodes += 1
+        if not self._nodes % _CLOCK_EVERY:
+            self._clock.check("parsing")
+        super().endData(containerClass)
+
+
+class NotText(ValueError):
+    """A document that is not text. `reason`: "binary" (judged on its bytes, before
+    decoding) or "not_text" (its text is mostly U+FFFD or control characters); `value`:
+    the share of control bytes, or of U+FFFD and control characters; `text`: the text,
+    if there was one."""
+
+    def __init__(self, reason: str, value: float, message: str, text: str | None = None):
+        super().__init__(message)
+        self.reason, self.value, self.text = reason, value, text
+
+
+# Bytes that text in an ASCII-compatible charset never holds: the C0 controls but the
+# whitespace \t \n \v \f \r and ESC (ISO-2022-JP escapes). Random bytes hold 10% of
+# them, compressed data and images as many; WCXB's 1,358 pages none.
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20)])
+_OTHER_BYTES = bytes(b for b in range(256) if b not in _CONTROL_BYTES)
+BINARY_SHARE = 0.01
+# Signatures of files that get saved or served as HTML by mistake; a PDF can be
+# mostly printable bytes.
+_SIGNATURES = ((b"%PDF-", "PDF"), (b"\x1f\x8b", "gzip"), (b"PK\x03\x04", "zip"),
+               (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+               (b"GIF89a", "GIF"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"\xfd7zXZ\x00", "xz"),
+               (b"7z\xbc\xaf\x27\x1c", "7z"), (b"\x7fELF", "ELF"), (b"\x00asm", "WebAssembly"))
+# Characters that are not text: U+FFFD (bytes that could not be decoded), the C0
+# controls but whitespace, DEL and the C1 controls. WCXB's texts hold at most 1.1%
+# of them (C1 controls: mojibake that normalize repairs).
+_NOT_TEXT_CHARS = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ufffd]")
+NOT_TEXT_SHARE = 0.10
+
+
+def control_share(data: bytes) -> float:
+    """The share of `data`'s bytes that are control bytes text never holds."""
+    return len(data.translate(None, _OTHER_BYTES)) / len(data) if data else 0.0
+
+
+def check_bytes(data: bytes) -> None:
+    """Raise NotText("binary") for data that is plainly not text: a known binary file
+    signature, or more than BINARY_SHARE control bytes (NUL and the like)."""
+    share = control_share(data)
+    for signature, kind in _SIGNATURES:
+        if data.startswith(signature):
+            raise NotText("binary", share, f"starts with the {kind} file signature")
+    if share > BINARY_SHARE:
+        raise NotText("binary", share, f"{share:.1%} of its {len(data)} bytes are control "
+                                       "bytes (NUL and the like): binary data")
+
+
+def check_text(text: str, decoding: str | None = None) -> None:
+    """Raise NotText("not_text") for text of which more than NOT_TEXT_SHARE of the
+    characters, and more than FEW_BAD_BYTES (a few stray ones in a short text are not
+    noise), are U+FFFD or control characters; `decoding`, if any, goes in the message
+    (how the bytes were decoded)."""
+    bad = len(_NOT_TEXT_CHARS.findall(text))
+    if bad > FEW_BAD_BYTES and bad > NOT_TEXT_SHARE * len(text):
+        how = f" (decoding: {decoding})" if decoding else ""
+        raise NotText("not_text", bad / len(text),
+                      f"{bad} of its {len(text)} characters ({bad / len(text):.1%}) are U+FFFD "
+                      f"or control characters{how}", text)
 
 
 def _keep_anyway(tag: Tag, judge: "_Judge | None" = None) -> bool:
@@ -602,30 +794,44 @@ def layout_text(root: BeautifulSoup | Tag, drop: frozenset[str] = DROP_TAGS,
     return layout.result()
 
 
+def _page_text(html: str | bytes, charset: str | None, clock: _Clock) -> tuple[str, str | None]:
+    """(main text, decoding problem or None): `html_to_text`'s work."""
+    problem = None
+    if isinstance(html, (bytes, bytearray, memoryview)):
+        data = bytes(html)
+        check_bytes(data)
+        html, _, problem = decode_html(data, charset=charset)
+    soup = BeautifulSoup(html, "lxml") if clock.deadline is None else _Soup(html, clock)
+    clock.check()
+    text = soup_to_text(soup, clock)
+    check_text(text, problem)
+    return text, problem
+
+
 def html_to_text(html: str | bytes, *, charset: str | None = None,
                  time_budget_s: float | None = None) -> str:
     """The main text of an HTML page, as lines (see the module docstring). `charset`:
-    the HTTP header's, for bytes (it outranks <meta>). With `time_budget_s`, raises
-    ExtractTimeout once the work after parsing finds the budget spent (the parse
-    itself can't be interrupted: cap the input size, as `extract` does)."""
-    clock = _Clock(time_budget_s)
-    if isinstance(html, (bytes, bytearray, memoryview)):
-        html = decode_html(bytes(html), charset=charset)
-    soup = BeautifulSoup(html, "lxml")
-    clock.check()
-    return soup_to_text(soup, clock)
+    the HTTP header's, for bytes (it outranks <meta>). Raises NotText for binary data
+    and for text that is mostly U+FFFD or control characters. With `time_budget_s`,
+    raises ExtractTimeout once the parse or the work after it finds the budget spent."""
+    return _page_text(html, charset, _Clock(time_budget_s))[0]
 
 
 def extract(docs: Iterable[dict], *, max_bytes: int = MAX_BYTES,
             time_budget_s: float | None = TIME_BUDGET_S) -> Iterator[dict | Rejected]:
-    """Step: raw documents (html or text) in, {id, source, text, ...} out; the html
-    column is dropped, other columns pass through; a document's `http_charset`, if any,
-    decodes its bytes ahead of their <meta> charset. Rejects `too_large` (html over
-    `max_bytes`, not parsed), `extract_timeout` (over `time_budget_s` seconds),
-    `empty_after_extract` and `extract_error` (details {"error": ...}); one bad page
-    never stops the rest."""
+    """Step: raw documents (html or text) in, {id, source, text, decoding, ...} out; the
+    html column is dropped, other columns pass through; a document's `http_charset`, if
+    any, decodes its bytes ahead of their <meta> charset. `decoding` is None, or how
+    bytes that did not decode cleanly with their declared charset were decoded (see
+    `decode_html`). Rejects `too_large` (html over `max_bytes`, not parsed), `binary`
+    (details {"value": share of control bytes, "error": ...}), `not_text` ({"value":
+    share of U+FFFD and control characters in the text, "error": ...}),
+    `extract_timeout` (over `time_budget_s` seconds, parse included),
+    `empty_after_extract` and `extract_error` ({"error": ...}); one bad page never
+    stops the rest."""
     for doc in docs:
         out = {k: v for k, v in doc.items() if k != "html"}
+        out["decoding"] = None
         html = doc.get("html")
         if isinstance(html, (str, bytes, bytearray, memoryview)):
             size = len(html.encode("utf-8", "replace")) if isinstance(html, str) else len(html)
@@ -635,10 +841,15 @@ def extract(docs: Iterable[dict], *, max_bytes: int = MAX_BYTES,
                 continue
         try:
             if html is not None:
-                text = html_to_text(html, charset=doc.get("http_charset"),
-                                    time_budget_s=time_budget_s)
+                text, out["decoding"] = _page_text(html, doc.get("http_charset"),
+                                                   _Clock(time_budget_s))
             else:
                 text = doc.get("text") or ""
+                check_text(text)
+        except NotText as exc:
+            out["text"] = exc.text
+            yield Rejected(out, exc.reason, {"value": exc.value, "error": str(exc)})
+            continue
         except ExtractTimeout as exc:
             out["text"] = None
             yield Rejected(out, "extract_timeout", {"error": str(exc)})

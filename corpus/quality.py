@@ -49,71 +49,24 @@ Evaluation order (the first failing rule names the reason): gopher_quality, c4, 
 gopher_repetition -- cheap checks first, the n-gram counts last and only for documents
 the other rules kept. `quality_failures` lists every failing rule, order-independent.
 
-Config: a dict with one sub-dict per group (see DEFAULTS), each with `enabled`, its
-thresholds and `skip` (reason names of rules turned off). Partial configs are merged
-over DEFAULTS. The same settings in flat form (`<group>_<key>`, e.g.
-`gopher_quality_min_words`), as in the [quality] section of a TOML config, are accepted
-too (`resolve_config`).
+Config: QualityConfig, one typed group per rule family (GopherQuality, C4, FineWeb,
+GopherRepetition), each with `enabled`, its thresholds and `skip` (reason names of rules
+turned off); in TOML, [quality.<group>] tables. `quality_config({group: {...}})` builds one
+from partial settings.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import re
 from functools import cached_property
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from corpus.documents import Rejected
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "gopher_quality": {
-        "enabled": True,
-        "min_words": 50,
-        "max_words": 100_000,
-        "min_mean_word_length": 3.0,
-        "max_mean_word_length": 10.0,
-        "max_symbol_word_ratio": 0.1,
-        "max_bullet_lines": 0.9,
-        "max_ellipsis_lines": 0.3,
-        "min_alpha_words": 0.8,
-        "min_stop_words": 2,
-        "skip": [],
-    },
-    "gopher_repetition": {
-        "enabled": True,
-        "max_dup_lines": 0.30,
-        "max_dup_paragraphs": 0.30,
-        "max_dup_line_chars": 0.20,
-        "max_dup_paragraph_chars": 0.20,
-        "max_top_2gram": 0.20,
-        "max_top_3gram": 0.18,
-        "max_top_4gram": 0.16,
-        "max_dup_5gram": 0.15,
-        "max_dup_6gram": 0.14,
-        "max_dup_7gram": 0.13,
-        "max_dup_8gram": 0.12,
-        "max_dup_9gram": 0.11,
-        "max_dup_10gram": 0.10,
-        "skip": [],
-    },
-    "c4": {
-        "enabled": True,
-        "min_punct_lines": 1,
-        "max_javascript_lines": 0.1,
-        "max_policy_lines": 0.1,
-        "skip": ["c4_curly_brace", "c4_policy"],
-    },
-    "fineweb": {
-        "enabled": True,
-        "min_line_punct": 0.12,
-        "max_short_lines": 0.67,
-        "short_line_chars": 30,
-        "max_dup_line_chars": 0.01,
-        "max_lines_per_word": 0.3,
-        "skip": ["fineweb_list_like"],
-    },
-}
 GROUP_ORDER = ("gopher_quality", "c4", "fineweb", "gopher_repetition")
 
 STOP_WORDS = re.compile(r"(?<!\w)(?:the|be|to|of|and|that|have|with)(?!\w)")
@@ -350,48 +303,105 @@ _ORDERED_RULES = [rule for group in GROUP_ORDER for rule in RULES if rule[0] == 
 
 # ----------------------------------------------------------------------------- config
 
-def flatten(config: dict) -> dict[str, Any]:
-    """Nested config -> flat `<group>_<key>` settings (the TOML [quality] section)."""
-    return {f"{group}_{key}": copy.deepcopy(value)
-            for group, values in config.items() for key, value in values.items()}
+_STRICT = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+_SKIP = "reason names of this group's rules to turn off"
 
 
-def _unflatten(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    nested: dict[str, dict[str, Any]] = {}
-    for name, value in flat.items():
-        group = next((g for g in DEFAULTS if name.startswith(g + "_")), None)
-        if group is None:
-            raise ValueError(f"quality setting {name!r}: no group prefix "
-                             f"({', '.join(g + '_' for g in DEFAULTS)})")
-        nested.setdefault(group, {})[name[len(group) + 1:]] = value
-    return nested
+@dataclass(config=_STRICT)
+class GopherQuality:
+    """Gopher quality rules (Rae et al. 2021, A.1.1)."""
+    enabled: bool = True
+    min_words: int = Field(50, ge=0, description="fewer words: gopher_word_count")
+    max_words: int = Field(100_000, ge=1, description="more words: gopher_word_count")
+    min_mean_word_length: float = Field(3.0, ge=0)
+    max_mean_word_length: float = Field(10.0, ge=0)
+    max_symbol_word_ratio: float = Field(0.1, ge=0, description='"#" or "..."/"…" per word')
+    max_bullet_lines: float = Field(0.9, ge=0, le=1)
+    max_ellipsis_lines: float = Field(0.3, ge=0, le=1)
+    min_alpha_words: float = Field(0.8, ge=0, le=1)
+    min_stop_words: int = Field(2, ge=0, description="English only: non-English docs drop here")
+    skip: list[Literal[REASONS["gopher_quality"]]] = Field(default_factory=list, description=_SKIP)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) is above max_words ({self.max_words})")
+        return self
 
 
-def resolve_config(config: dict | None = None) -> dict[str, dict[str, Any]]:
-    """Full nested config: `config` (nested or flat, possibly partial) over DEFAULTS.
-    Unknown groups, settings or reason names in `skip` are errors."""
-    config = config or {}
-    if config and not all(isinstance(v, dict) for v in config.values()):
-        config = _unflatten(config)
-    out = copy.deepcopy(DEFAULTS)
-    for group, values in config.items():
-        if group not in out:
-            raise ValueError(f"unknown quality group {group!r}; groups are {', '.join(out)}")
-        for key, value in values.items():
-            if key not in out[group]:
-                raise ValueError(f"unknown quality setting {group}.{key}; "
-                                 f"{group} has {', '.join(out[group])}")
-            out[group][key] = copy.deepcopy(value)
-        unknown = set(out[group]["skip"]) - set(REASONS[group])
-        if unknown:
-            raise ValueError(f"{group}.skip: unknown reasons {sorted(unknown)}; "
-                             f"{group} has {', '.join(REASONS[group])}")
-    return out
+@dataclass(config=_STRICT)
+class GopherRepetition:
+    """Gopher repetition rules: duplicate lines, paragraphs and n-grams (table A1)."""
+    enabled: bool = True
+    max_dup_lines: float = Field(0.30, ge=0, le=1)
+    max_dup_paragraphs: float = Field(0.30, ge=0, le=1)
+    max_dup_line_chars: float = Field(0.20, ge=0, le=1)
+    max_dup_paragraph_chars: float = Field(0.20, ge=0, le=1)
+    max_top_2gram: float = Field(0.20, ge=0, le=1)
+    max_top_3gram: float = Field(0.18, ge=0, le=1)
+    max_top_4gram: float = Field(0.16, ge=0, le=1)
+    max_dup_5gram: float = Field(0.15, ge=0, le=1)
+    max_dup_6gram: float = Field(0.14, ge=0, le=1)
+    max_dup_7gram: float = Field(0.13, ge=0, le=1)
+    max_dup_8gram: float = Field(0.12, ge=0, le=1)
+    max_dup_9gram: float = Field(0.11, ge=0, le=1)
+    max_dup_10gram: float = Field(0.10, ge=0, le=1)
+    skip: list[Literal[REASONS["gopher_repetition"]]] = Field(default_factory=list, description=_SKIP)
 
 
-def _active_rules(config: dict) -> list[tuple[Rule, dict]]:
-    return [(rule, config[rule[0]]) for rule in _ORDERED_RULES
-            if config[rule[0]]["enabled"] and rule[1] not in config[rule[0]]["skip"]]
+@dataclass(config=_STRICT)
+class C4:
+    """C4 rules (Raffel et al. 2020, 2.2) as document filters."""
+    enabled: bool = True
+    min_punct_lines: int = Field(1, ge=0, description="drop if fewer lines end in . ! ? \" ' etc.")
+    max_javascript_lines: float = Field(0.1, ge=0, le=1)
+    max_policy_lines: float = Field(0.1, ge=0, le=1)
+    skip: list[Literal[REASONS["c4"]]] = Field(
+        default_factory=lambda: ["c4_curly_brace", "c4_policy"],
+        description=_SKIP + "; the curly-brace rule drops every code page")
+
+
+@dataclass(config=_STRICT)
+class FineWeb:
+    """FineWeb's custom filters (Penedo et al. 2024, 3.3)."""
+    enabled: bool = True
+    min_line_punct: float = Field(0.12, ge=0, le=1)
+    max_short_lines: float = Field(0.67, ge=0, le=1)
+    short_line_chars: int = Field(30, ge=0)
+    max_dup_line_chars: float = Field(0.01, ge=0, le=1, description=(
+        "datatrove's value; the paper's text says 0.1"))
+    max_lines_per_word: float = Field(0.3, ge=0)
+    skip: list[Literal[REASONS["fineweb"]]] = Field(
+        default_factory=lambda: ["fineweb_list_like"], description=_SKIP)
+
+
+GROUPS = {"gopher_quality": GopherQuality, "c4": C4, "fineweb": FineWeb,
+          "gopher_repetition": GopherRepetition}
+
+
+@dataclass(config=_STRICT)
+class QualityConfig:
+    """Heuristic document filters; the first failing rule names the drop reason.
+    Drop rates on WCXB: benchmarks/quality_filters.py."""
+    gopher_quality: GopherQuality = Field(default_factory=GopherQuality)
+    c4: C4 = Field(default_factory=C4)
+    fineweb: FineWeb = Field(default_factory=FineWeb)
+    gopher_repetition: GopherRepetition = Field(default_factory=GopherRepetition)
+
+
+def quality_config(groups: dict[str, dict] | None = None) -> QualityConfig:
+    """A QualityConfig from {group: {setting: value}}, the rest defaults."""
+    groups = groups or {}
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"unknown quality groups {sorted(unknown)}; groups are {', '.join(GROUPS)}")
+    return QualityConfig(**{g: GROUPS[g](**values) for g, values in groups.items()})
+
+
+def _active_rules(config: QualityConfig | None) -> list[tuple[Rule, dict]]:
+    groups = dataclasses.asdict(config or QualityConfig())
+    return [(rule, groups[rule[0]]) for rule in _ORDERED_RULES
+            if groups[rule[0]]["enabled"] and rule[1] not in groups[rule[0]]["skip"]]
 
 
 # ----------------------------------------------------------------------------- API
@@ -404,32 +414,32 @@ def _failures(text: str, rules: list[tuple[Rule, dict]]) -> Iterator[tuple[str, 
             yield reason, {"value": float(value)}
 
 
-def quality_reason(text: str, config: dict | None = None) -> tuple[str, dict] | None:
+def quality_reason(text: str, config: QualityConfig | None = None) -> tuple[str, dict] | None:
     """(reason, {"value": ...}) for the first failing rule, None if the text is kept."""
-    return next(_failures(text, _active_rules(resolve_config(config))), None)
+    return next(_failures(text, _active_rules(config)), None)
 
 
-def quality_failures(text: str, config: dict | None = None) -> list[tuple[str, dict]]:
+def quality_failures(text: str, config: QualityConfig | None = None) -> list[tuple[str, dict]]:
     """Every failing rule, in evaluation order (for reports; the step stops at the first)."""
-    return list(_failures(text, _active_rules(resolve_config(config))))
+    return list(_failures(text, _active_rules(config)))
 
 
-def quality_values(text: str, config: dict | None = None) -> dict[str, float]:
+def quality_values(text: str, config: QualityConfig | None = None) -> dict[str, float]:
     """The measured value of every active rule, pass or fail (for threshold studies).
     gopher_stop_words counts only up to its threshold."""
     stats = QualityStats(text)
     return {reason: float(value_of(stats, group_config))
             for (_, reason, value_of, _), group_config
-            in _active_rules(resolve_config(config))}
+            in _active_rules(config)}
 
 
-def quality_checker(config: dict | None = None) -> Callable[[str], tuple[str, dict] | None]:
+def quality_checker(config: QualityConfig | None = None) -> Callable[[str], tuple[str, dict] | None]:
     """`quality_reason` with the config resolved once, for use on many documents."""
-    rules = _active_rules(resolve_config(config))
+    rules = _active_rules(config)
     return lambda text: next(_failures(text, rules), None)
 
 
-def quality_filter(docs: Iterable[dict], *, config: dict | None = None
+def quality_filter(docs: Iterable[dict], *, config: QualityConfig | None = None
                    ) -> Iterator[dict | Rejected]:
     """The step: keeps documents that pass every enabled rule; the others are yielded as
     Rejected(doc, reason, {"value": float}) for the first failing rule."""
@@ -440,15 +450,3 @@ def quality_filter(docs: Iterable[dict], *, config: dict | None = None
             yield doc
         else:
             yield Rejected(doc, *failure)
-
-
-def toml_section(config: dict | None = None) -> str:
-    """The [quality] section of a TOML config holding `config` (default: DEFAULTS)."""
-    def fmt(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, list):
-            return "[" + ", ".join(f'"{v}"' for v in value) + "]"
-        return repr(value)
-    flat = flatten(resolve_config(config))
-    return "[quality]\n" + "".join(f"{k} = {fmt(v)}\n" for k, v in flat.items())

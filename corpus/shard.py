@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from corpus.documents import is_val
@@ -18,6 +20,19 @@ from corpus.tokenizer import EOT
 from trainer.data import token_dtype, write_shard
 
 ENCODE_BATCH_DOCS = 256
+_STRICT = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
+
+
+@dataclass(config=_STRICT)
+class SplitConfig:
+    """Train/val split by document id hash, the same in every stage."""
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents held out for validation")
+
+
+@dataclass(config=_STRICT)
+class ShardConfig:
+    """Binary token shards in the llm.c layout."""
+    shard_tokens: int = Field(10_000_000, ge=1024, le=2**31 - 1, description="tokens per shard file")
 
 
 class _SplitWriter:

@@ -29,16 +29,39 @@ import zlib
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import ClassVar, Iterable, Iterator, Literal
 
 import pyarrow.parquet as pq
 from warcio.archiveiterator import ArchiveIterator
 from warcio.exceptions import ArchiveLoadFailed
 from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersParserException
 
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
 from corpus.documents import doc_id, write_docs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
+class SourceConfig:
+    """What goes in: the stdlib's pydoc pages (the demo) or your own files."""
+    kind: Literal["pydoc", "path"] = Field("pydoc", description=(
+        "pydoc: the stdlib docs rendered here | path: your own files"))
+    path: str = Field("", description=(
+        "kind=path: a folder of .html/.htm/.html.gz, WARC, .jsonl or .parquet files (html or "
+        "text column); its files' contents, not the path, make the version"))
+    pydoc_limit: int = Field(0, ge=0, description="kind=pydoc: at most N pages (0 = all)")
+    docs_per_partition: int = Field(32, ge=1, le=1_000_000, description="documents per Parquet partition")
+
+    UNVERSIONED: ClassVar[tuple[str, ...]] = ("path",)
+
+    @model_validator(mode="after")
+    def _path_for_kind(self):
+        if self.kind == "path" and not self.path:
+            raise ValueError("kind = 'path' needs path = the folder or file to read")
+        return self
 
 # ---------------------------------------------------------------------------- pydoc
 
@@ -248,6 +271,10 @@ def _record_document(record: dict, default_source: str, where: str) -> dict:
         # JSON can carry lone surrogates ("\ud800"), which Parquet can't store: join
         # valid pairs, replace lone ones with U+FFFD
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    for key in ("source", "url"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {type(record[key]).__name__} "
+                             f"{record[key]!r}; store it as text")
     source = record.get("source") or record.get("url") or default_source
     id_ = record.get("id")
     return {"id": str(id_) if id_ is not None else doc_id(source), "source": source,

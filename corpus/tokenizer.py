@@ -3,9 +3,20 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOT = "<|endoftext|>"
+BASE_VOCAB = 256 + 1  # every byte, and EOT: what a BPE vocabulary holds before any merge
+
+
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
+class TokenizerConfig:
+    """Byte-level BPE, trained on the train split of the deduplicated documents."""
+    vocab_size: int = Field(8192, ge=BASE_VOCAB + 1, le=2**20, description=(
+        "tokens, the 256 bytes and <|endoftext|> included (shards are uint16 up to 65,536)"))
+    min_frequency: int = Field(2, ge=1, description="a merge needs pairs seen at least this often")
 
 
 def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2) -> Tokenizer:

@@ -34,11 +34,17 @@ def ensure_venv() -> None:
     STAMP.write_text(want)
 
 
-def main() -> int:
+def main() -> None:
     if sys.version_info < (3, 11):
-        sys.exit(f"Python 3.11 or newer is needed (this is {sys.version.split()[0]})")
+        sys.exit(f"error: Python 3.11 or newer is needed (this is {sys.version.split()[0]})")
     args = sys.argv[1:] or ["--help"]
-    ensure_venv()
+    try:
+        ensure_venv()
+    except subprocess.CalledProcessError as exc:  # pip said why above; exit 1 like c2m
+        sys.exit(f"error: setting up {VENV} failed: `{' '.join(map(str, exc.cmd))}` exited "
+                 f"{exc.returncode} (see above); fix that and run this command again")
+    except KeyboardInterrupt:
+        sys.exit(130)
     os.chdir(ROOT)
     if args[0] == "test":
         argv = [str(BIN / "python"), "-m", "pytest", *args[1:]]

@@ -1,74 +1,144 @@
 """`c2m`: run the flow, manage the local server, inspect artifacts."""
 from __future__ import annotations
 
+import datetime as dt
+import importlib.metadata
 import json
+import logging
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from flows import server
-from flows.config import load_config
-from flows.stages import select_stages
-from flows.store import ArtifactStore
+from flows.config import ConfigError, load_config
+from flows.store import ArtifactStore, human_bytes
 
 server.configure()  # before anything imports prefect
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
-                  help="corpus-to-model: raw HTML in, a trained and evaluated GPT out.")
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+
+# typer >= 0.2x raises its own copies of click's exception classes: take them from typer
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _version(show: bool) -> None:
+    if show:
+        typer.echo(f"corpus-to-model {importlib.metadata.version('corpus-to-model')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")):
+    """corpus-to-model: raw HTML in, a trained and evaluated GPT out.
+
+    Exit codes: 0 done; 1 failed (one `error:` line, the traceback in .c2m/logs/);
+    2 bad command line or config (nothing ran); 130 interrupted (Ctrl-C), 143 on SIGTERM."""
 
 ROOT_OPTION = typer.Option("artifacts", "--root", help="artifact root")
 
 
-def _pairs(items: list[str], what: str) -> dict[str, str]:
-    out = {}
+def _key_values(items: list[str]) -> list[str]:
+    """Option callback: a usage error (exit 2) unless every item is KEY=VALUE."""
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"{what} {item!r} should look like KEY=VALUE")
-        out[key.strip()] = value.strip()
-    return out
+        if "=" not in item:
+            raise typer.BadParameter(f"{item!r} should look like KEY=VALUE")
+    return items
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    return {key.strip(): value.strip() for key, _, value in (i.partition("=") for i in items)}
 
 
 def _run_flow(config: str, overrides: list[str], stages: list[str] | None, from_stage: str | None,
               force: bool, pins: list[str]) -> dict:
-    sets = _pairs(overrides, "--set")
+    from flows.stages import select_stages  # brings torch: not needed by the other commands
+
+    sets = _pairs(overrides)
     if "source.path" in sets:  # relative to where the user typed it
         sets["source.path"] = str(Path(sets["source.path"]).resolve())
     load_config(config, sets)  # a typo fails here, in one line, before any run starts
     select_stages(stages, from_stage)
-    server.start(log=lambda m: typer.echo(m, err=True))
-    from flows.flow import corpus_to_model
+    with server.for_run(log=lambda m: typer.echo(m, err=True)):
+        from flows.flow import corpus_to_model
 
-    result = corpus_to_model(config=config, overrides=sets, stages=stages, from_stage=from_stage,
-                             force=force, pins=_pairs(pins, "--pin"))
+        _console_without_tracebacks()
+        result = corpus_to_model(config=config, overrides=sets, stages=stages, from_stage=from_stage,
+                                 force=force, pins=_pairs(pins))
     typer.echo(json.dumps(result, indent=2))
     return result
 
 
+class _WithoutTraceback(logging.Formatter):
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _console_without_tracebacks() -> None:
+    """Prefect's console log keeps its one-line messages but not the tracebacks: a failure
+    prints one `error:` line and the traceback goes to the log file (and to the run's logs
+    in the Prefect UI)."""
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _WithoutTraceback):
+            handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
 @app.command()
 def run(config: str = typer.Option("configs/demo.toml", help="TOML config (over configs/defaults.toml)"),
-        set_: list[str] = typer.Option([], "--set", help="override, e.g. --set train.max_steps=100"),
+        set_: list[str] = typer.Option([], "--set", callback=_key_values,
+                                       help="override, e.g. --set train.max_steps=100"),
         stage: list[str] = typer.Option([], help="build only these stages (repeatable)"),
         from_stage: Optional[str] = typer.Option(None, "--from", help="build this stage and all after it"),
         force: bool = typer.Option(False, help="rebuild the chosen stages even on a cache hit"),
-        pin: list[str] = typer.Option([], help="use STAGE=VERSION as is")):
-    """Run the flow in this process (stages already built with this config are skipped)."""
+        pin: list[str] = typer.Option([], callback=_key_values, help="use STAGE=VERSION as is")):
+    """Run the flow in this process (stages already built with this config are skipped).
+
+    It uses the project's Prefect server if one is up (`c2m up`): the run shows in its UI.
+    Otherwise it starts a server for this run alone and stops it when the run ends.
+    It never starts the serve process."""
     _run_flow(config, set_, stage or None, from_stage, force, pin)
 
 
 @app.command("stage")
 def stage_(name: str = typer.Argument(..., help="the stage to re-run"),
            config: str = typer.Option("configs/demo.toml"),
-           set_: list[str] = typer.Option([], "--set"),
+           set_: list[str] = typer.Option([], "--set", callback=_key_values),
            force: bool = typer.Option(False, help="rebuild even on a cache hit"),
-           pin: list[str] = typer.Option([])):
-    """Re-run one stage; its inputs come from the store."""
+           pin: list[str] = typer.Option([], callback=_key_values)):
+    """Re-run one stage; its inputs come from the store (the server as for `c2m run`)."""
     _run_flow(config, set_, [name], None, force, pin)
+
+
+@app.command("config")
+def config_(config: str = typer.Option("configs/demo.toml", help="TOML config (over the defaults)"),
+            set_: list[str] = typer.Option([], "--set", callback=_key_values, help="override"),
+            defaults: bool = typer.Option(False, "--defaults",
+                                          help="every setting with its default, meaning and range")):
+    """Print the config a run would use, checked (or the documented defaults)."""
+    from flows.config import render_toml
+
+    typer.echo(render_toml() if defaults else load_config(config, _pairs(set_)).to_toml(), nl=False)
 
 
 @app.command()
@@ -96,16 +166,36 @@ def demo(root: str = ROOT_OPTION):
     prefect = str(Path(sys.executable).with_name("prefect"))
     cmd = [prefect, "deployment", "run", "corpus-to-model/demo", "--watch"]
     typer.echo("$ " + " ".join(["prefect", *cmd[1:]]))
-    code = subprocess.call(cmd, env={**os.environ, **server.prefect_env()})
+    env = {**os.environ, **server.prefect_env(), "PYTHONUNBUFFERED": "1"}  # lines as they come
+    run_id = None
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
+        try:
+            for line in proc.stdout:
+                typer.echo(line, nl=False)
+                run_id = run_id or next(iter(re.findall(r"UUID: ([0-9a-f-]{36})", line)), None)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # the run goes on in the serve process unless it is cancelled
+            if run_id:
+                typer.echo(f"\ncancelling flow run {run_id}", err=True)
+                subprocess.run([prefect, "flow-run", "cancel", run_id], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+            raise
     if code != 0:
-        typer.echo(f"the demo run failed; the serve log is {server.STATE / 'serve.log'}:\n"
-                   f"{server.tail('serve', 40)}", err=True)
-        raise typer.Exit(code)
+        if server.tail("serve"):
+            typer.echo(server.tail("serve", 20), err=True)
+        typer.echo(f"error: the demo run failed (`prefect deployment run` exited {code}); the last "
+                   f"lines of the serve log are above, all of it is in {server.STATE / 'serve.log'}",
+                   err=True)
+        raise typer.Exit(1)
     store = ArtifactStore(root)
     evaluate = store.path("evaluate", store.resolve("evaluate"))
     model = store.path("train", store.resolve("train"))
     metrics = json.loads((evaluate / "metrics.json").read_text())
-    typer.echo(f"\nvalidation loss {metrics['loss']:.3f} nats/token "
+    trained = store.manifest("train", model.name)["stats"]
+    typer.echo(f"\ntrained in {trained['dtype']} ({trained['dtype_reason']}): "
+               f"{trained['tokens_per_s']:,.0f} tokens/s, {trained['seconds']:.0f} s")
+    typer.echo(f"validation loss {metrics['loss']:.3f} nats/token "
                f"(unigram entropy {metrics['unigram_entropy']:.3f}), perplexity {metrics['perplexity']:.1f}, "
                f"top-1 accuracy {metrics['accuracy']:.3f}")
     anchors = ", ".join(f"{name} {bpb:.3f}" for name, bpb in metrics["compressors"].items())
@@ -182,12 +272,17 @@ def ls(stage: Optional[str] = typer.Argument(None), root: str = ROOT_OPTION):
     if stage is None:
         for s in store.stages():
             typer.echo(f"{s:10s} {len(store.versions(s))} versions, latest {store.latest(s)}")
-        return
-    latest = store.latest(stage)
-    for v in store.versions(stage):
-        m = store.manifest(stage, v)
-        typer.echo(f"{'*' if v == latest else ' '} {v}  {m['finished'][:19]}  {m['duration_s']:8.1f} s  "
-                   + " ".join(f"{i['stage']}/{i['version']}" for i in m["inputs"].values()))
+    else:
+        latest = store.latest(stage)
+        for v in store.versions(stage):
+            m = store.manifest(stage, v)
+            typer.echo(f"{'*' if v == latest else ' '} {v}  {m['finished'][:19]}  {m['duration_s']:8.1f} s  "
+                       + " ".join(f"{i['stage']}/{i['version']}" for i in m["inputs"].values()))
+    temporaries = store.temporaries(stage)
+    if temporaries:
+        typer.echo("temporary (`c2m gc` removes those whose run is gone):")
+        for t in temporaries:
+            typer.echo(f"  {t.describe()}")
 
 
 @app.command()
@@ -208,20 +303,114 @@ def lineage(stage: str, version: Optional[str] = typer.Argument(None), root: str
         typer.echo(f"{s}/{v}  {store.path(s, v)}")
 
 
+
+@app.command()
+def gc(root: str = ROOT_OPTION):
+    """Remove temporary folders whose run is gone (killed or crashed); a live run's stay."""
+    store = ArtifactStore(root)
+    count, freed = store.gc(log=typer.echo)
+    live = [t for t in store.temporaries() if t.alive]
+    done = (f"removed {count} temporary {'entry' if count == 1 else 'entries'}, {human_bytes(freed)}"
+            if count else "nothing to remove")
+    typer.echo(done + (f"; kept {len(live)} that belong to live runs" if live else ""))
+
+
+@app.command()
+def verify(stage: Optional[str] = typer.Argument(None, help="default: every stage"),
+           version: Optional[str] = typer.Argument(None, help="version or prefix; default: every version"),
+           root: str = ROOT_OPTION):
+    """Check artifacts against their manifests; exit 1 on any problem.
+
+    Files: size and sha256 as the manifest lists them, none missing, none extra.
+
+    Document stages: docs in = kept + rejected (Parquet rows, manifest stats, input's kept)."""
+    store = ArtifactStore(root)
+    if version:
+        targets = [(stage, store.resolve(stage, version))]
+    else:
+        targets = [(s, v) for s in ([stage] if stage else store.stages()) for v in store.versions(s)]
+    if not targets:
+        raise FileNotFoundError(f"no complete artifacts{' of ' + stage if stage else ''} under "
+                                f"{store.root} to verify (`c2m ls` lists what is there)")
+    problems = [p for s, v in targets for p in store.verify(s, v)]
+    for problem in problems:
+        typer.echo(problem)
+    if problems:
+        typer.echo(f"error: {len(problems)} problems in {len(targets)} versions under {store.root}", err=True)
+        raise typer.Exit(1)
+    files = sum(len(store.manifest(s, v)["files"]) for s, v in targets)
+    typer.echo(f"verified {len(targets)} versions, {files} files under {store.root}: "
+               "checksums and document counts match")
+
 def main() -> None:
-    """The console script: known failures print one clear line, not a traceback."""
+    """The console script. Exit codes: 0 done; 1 failed (one `error:` line on stderr, the
+    traceback in a log file it names); 2 bad command line or config, nothing ran;
+    130 interrupted (Ctrl-C); 143 terminated (SIGTERM), after the same clean-up."""
+    signal.signal(signal.SIGTERM, _terminated)
+    sys.exit(_main())
+
+
+def _terminated(signum, frame):
+    sys.exit(128 + signum)  # `kill` cleans up like Ctrl-C: temporary folders, the run's server
+
+
+def _main() -> int:
     try:
-        app(standalone_mode=False)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.exceptions.ClickException as exc:
+        # returns the code of a typer.Exit; a KeyboardInterrupt in a command becomes 130
+        code = app(prog_name="c2m", standalone_mode=False)
+    except _USAGE_ERROR as exc:  # unknown command or option, missing or bad value
         exc.show()
-        sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
+        return exc.exit_code
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
+        return 2
+    except _CLICK_EXCEPTION as exc:
+        exc.show()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `c2m ls | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:
+        typer.echo(f"error: {_describe(exc)}", err=True)
+        typer.echo(_save_traceback(exc), err=True)
+        return 1
+    return code if isinstance(code, int) else 0
+
+
+def _describe(exc: BaseException) -> str:
+    """One line: our own errors are written for users; other types get their class name,
+    and a KeyError names the key."""
+    if isinstance(exc, KeyError) and exc.args:
+        text = f"KeyError: missing key {exc.args[0]!r}"
+    elif type(exc) in (ValueError, RuntimeError) or isinstance(exc, OSError):
+        text = str(exc)  # OSError's text has the errno and the file name
+    else:
+        text = f"{type(exc).__name__}: {exc}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return "; ".join([first, *(note.strip() for note in getattr(exc, "__notes__", ()))])
+
+
+KEEP_LOGS = 50  # the newest error logs; older ones are removed
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Write the full traceback to a new file under the state folder (.c2m/logs/); say where."""
+    name = f"c2m-{dt.datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    text = (f"$ c2m {' '.join(sys.argv[1:])}\n{dt.datetime.now().isoformat()}, cwd {os.getcwd()}\n\n"
+            + "".join(traceback.format_exception(exc)))
+    for folder in (server.STATE / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(text)
+        except OSError:
+            continue  # a full or read-only disk: try the next place
+        for old in sorted(folder.glob("c2m-*.log"))[:-KEEP_LOGS]:
+            old.unlink(missing_ok=True)
+        return f"the full traceback is in {folder / name}"
+    return "could not write a log file; the traceback:\n" + text
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The `corpus-to-model` Prefect flow: one task per stage, reading like the DAG.
 
 Each task is thin: run_stage computes the stage's content version, skips it on a cache
-hit, otherwise builds it into a temporary folder, writes manifest and report, renames it
+hit, otherwise takes the version's lease (waiting while another run builds it, then
+using that), builds it into a temporary folder, writes manifest and report, renames it
 into place and publishes the report as a Prefect artifact.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 
 from flows import parallel, report
-from flows.config import load_config
+from flows.config import Config, load_config
+from flows.server import record_process
 from flows.stages import ORDER, STAGES, StageContext, select_stages
 from flows.store import ArtifactStore, content_version
 
@@ -36,7 +38,7 @@ class Ref:
 
 @dataclass
 class Plan:
-    cfg: dict
+    cfg: Config
     store: ArtifactStore
     stages: list[str]                                # the stages this run builds
     force: bool = False                              # rebuild them even on a cache hit
@@ -52,7 +54,7 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
         version = store.resolve(name, plan.pins[name])
         log.info(f"{name}: pinned to {version}")
         return Ref(name, version, store.path(name, version))
-    sections = {s: plan.cfg[s] for s in stage.sections}
+    sections = stage.config(plan.cfg)
     identity = stage.identity(plan.cfg)
     code_version = stage.code_version()
     version = content_version(name, {**sections, **identity}, code_version,
@@ -63,12 +65,38 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
                 f"{name}: no artifact {name}/{version} for this config and its inputs, and this "
                 f"run does not build {name}; run it too, or pin a version (`c2m ls {name}`)")
         log.info(f"{name}: cache hit, using {name}/{version} (skipped)")
-        store.set_latest(name, version)
-        return Ref(name, version, store.path(name, version))
+        return _cache_hit(name, version, store, log)
+    # only the lease holder builds a version: a second run waits here, then uses it
+    with store.lease(name, version, log=log.info, run=_flow_run_name()) as lease:
+        if store.exists(name, version) and (lease.waited_for or not plan.force):
+            log.info(f"{name}: cache hit, using {name}/{version} built by "
+                     f"{lease.waited_for or 'another run'} (skipped)")
+            return _cache_hit(name, version, store, log)
+        if lease.waited_for:
+            log.info(f"{name}: {lease.waited_for} stopped without finishing {name}/{version}")
+        return _build(name, plan, inputs, lease, sections, identity, code_version, log)
 
+
+def _flow_run_name() -> str | None:
+    from prefect.runtime import flow_run
+
+    return flow_run.name
+
+
+def _cache_hit(name: str, version: str, store: ArtifactStore, log) -> Ref:
+    warning = store.use_latest(name, version)  # may fail on a read-only or full store
+    if warning:
+        log.warning(warning)
+    return Ref(name, version, store.path(name, version))
+
+
+def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict, identity: dict,
+           code_version: str, log) -> Ref:
+    stage, store, version = STAGES[name], plan.store, lease.version
+    store.gc(name, keep_work=True, log=lambda m: log.info(f"{name}: {m}"), holding=lease)
     log.info(f"{name}: building {name}/{version}")
-    tmp = store.begin(name, version)
-    work = store.work_dir(name, version)
+    tmp = store.begin(lease)
+    work = store.work_dir(name, version)  # the lease holder's alone
     if plan.force:
         shutil.rmtree(work, ignore_errors=True)  # forced: start over, do not resume
     started = time.time()
@@ -88,7 +116,7 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
         }
         markdown = report.render(manifest, tmp)
         (tmp / "report.md").write_text(markdown)
-        path = store.commit(tmp, name, version, manifest)
+        path = store.commit(tmp, lease, manifest)
         shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         store.abort(tmp)  # nothing half-written is left where a later stage could read it
@@ -110,7 +138,8 @@ source, extract, normalize, filter_, dedup, tokenizer, shard, train, evaluate = 
     _stage_task(name) for name in ORDER)
 
 
-@flow(name="corpus-to-model", log_prints=True)
+# each run records its process, so that a killed one is marked Crashed at the next start
+@flow(name="corpus-to-model", log_prints=True, on_running=[record_process])
 def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any] | None = None,
                     stages: list[str] | None = None, from_stage: str | None = None,
                     force: bool = False, pins: dict[str, str] | None = None) -> dict[str, str]:
@@ -118,7 +147,7 @@ def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any]
     (the rest is read from the store), `force` rebuilds those even on a cache hit,
     `pins` uses given versions of stages as they are."""
     cfg = load_config(config, overrides)
-    plan = Plan(cfg, ArtifactStore(cfg["run"]["artifacts"]), select_stages(stages, from_stage),
+    plan = Plan(cfg, ArtifactStore(cfg.run.artifacts), select_stages(stages, from_stage),
                 force, dict(pins or {}))
     try:
         raw = source(plan)

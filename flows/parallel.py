@@ -5,38 +5,98 @@ cluster instead (its workers must have this project installed).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, ClassVar, Iterable
+
+from pydantic import ConfigDict, Field, field_validator
+from pydantic.dataclasses import dataclass
 
 _client = None
 
 
-def client(dask_cfg: dict):
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
+class DaskConfig:
+    """The Dask cluster the data stages run on."""
+    scheduler: str = Field("", description='address of an existing cluster ("tcp://host:8786"); '
+                                           "empty = a LocalCluster")
+    workers: int = Field(2, ge=1, le=1024, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    memory_limit: str = Field("4GiB", description='per worker, e.g. "4GiB" or "800MB"')
+    local_directory: str = Field(".c2m/dask", description="worker scratch space")
+
+    UNVERSIONED: ClassVar[tuple[str, ...]] = (
+        "scheduler", "workers", "threads_per_worker", "memory_limit", "local_directory")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _bytes(cls, value: str) -> str:
+        from dask.utils import parse_bytes
+
+        try:
+            parse_bytes(value)
+        except ValueError:
+            raise ValueError(f'{value!r} is not a size like "4GiB"') from None
+        return value
+
+
+def client(dask_cfg: DaskConfig):
     global _client
     if _client is None:
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
         from dask.distributed import Client, LocalCluster
 
-        if dask_cfg["scheduler"]:
-            _client = Client(dask_cfg["scheduler"])
+        if dask_cfg.scheduler:
+            _client = Client(dask_cfg.scheduler)
         else:
-            scratch = Path(dask_cfg["local_directory"]).resolve()
+            scratch = Path(dask_cfg.local_directory).resolve()
             scratch.mkdir(parents=True, exist_ok=True)
-            cluster = LocalCluster(n_workers=dask_cfg["workers"],
-                                   threads_per_worker=dask_cfg["threads_per_worker"],
-                                   memory_limit=dask_cfg["memory_limit"],
+            cluster = LocalCluster(n_workers=dask_cfg.workers,
+                                   threads_per_worker=dask_cfg.threads_per_worker,
+                                   memory_limit=dask_cfg.memory_limit,
                                    local_directory=str(scratch),
                                    dashboard_address=None)
             _client = Client(cluster)
     return _client
 
 
-def map_partitions(dask_cfg: dict, fn: Callable, items: Iterable, **kwargs: Any) -> list:
-    """fn(item, **kwargs) for every item on the cluster, results in item order."""
+def _unless_cancelled(fn: Callable, event: str, item: Any, **kwargs: Any) -> Any:
+    from dask.distributed import Event
+
+    if Event(event).is_set():
+        return None  # another partition failed: its error is what the stage raises
+    return fn(item, **kwargs)
+
+
+def map_partitions(dask_cfg: DaskConfig, fn: Callable, items: Iterable, **kwargs: Any) -> list:
+    """fn(item, **kwargs) for every item on the cluster, results in item order.
+
+    When one fails, the rest are cancelled, and the first error is raised only once none
+    of them runs any more: the caller can then remove the stage's temporary folder
+    without a straggler writing into it again. A running task cannot be interrupted, so
+    the partitions already running finish; those not started yet skip their work."""
+    from dask.distributed import Event, wait
+    from dask.utils import funcname
+
     c = client(dask_cfg)
-    futures = c.map(fn, list(items), **kwargs, pure=False)
-    return c.gather(futures)
+    run = uuid.uuid4().hex
+    event, items = f"c2m-cancel-{run}", list(items)
+    keys = [f"{funcname(fn)}-{run}-{i}" for i in range(len(items))]  # named after fn, not the guard
+    futures = c.map(partial(_unless_cancelled, fn, event), items, key=keys, **kwargs)
+    try:
+        return c.gather(futures)
+    except BaseException:
+        # a lost scheduler runs nothing more; its error must not hide the stage's own
+        with contextlib.suppress(Exception):
+            Event(event, client=c).set()
+            wait(futures)
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            Event(event, client=c).clear()  # the scheduler forgets a cleared event
 
 
 def shutdown() -> None:

@@ -47,7 +47,7 @@ def headline(manifest: dict) -> list[str]:
         return lines
     if stage == "tokenizer":
         h = s["heldout"]
-        return [f"- vocab size: {s['vocab_size']:,}",
+        return [f"- vocab size: {s['vocab_size']:,}" + (f" ({s['vocab_size_note']})" if s.get("vocab_size_note") else ""),
                 f"- held-out: {h['docs']:,} docs, {h['bytes_per_token']} bytes per token"]
     if stage == "shard":
         return [f"- {split}: {s[split]['docs']:,} docs, {s[split]['tokens']:,} tokens, "
@@ -57,7 +57,11 @@ def headline(manifest: dict) -> list[str]:
                  f"train loss {s['initial_loss']:.4f} -> {s['final_loss']:.4f}"]
         if s.get("val_loss") is not None:
             lines.append(f"- val loss {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f} (best.pt)")
-        lines.append(f"- {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of {s['peak_flops_source']}; "
+        if s.get("dtype"):
+            lines.append(f"- dtype {s['dtype']}: {s['dtype_reason']}")
+        mfu = (f"MFU {s['mfu']:.1%} of {s['peak_flops_source']}" if s.get("mfu") is not None
+               else f"{s.get('mfu_note') or 'MFU not measured'} ({s['peak_flops_source']})")
+        lines.append(f"- {s['tokens_per_s']:,.0f} tokens/s, {mfu}; "
                      f"{s['seconds']:.0f} s" + (f", of which {s['compile_seconds']:.0f} s compiling"
                                                if s.get("compile_seconds") else ""))
         if s.get("parent"):

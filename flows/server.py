@@ -3,11 +3,22 @@
 Both are ordinary background processes with pid files and logs under `.c2m/` in the
 project; `stop()` ends exactly those two. Prefect state (its SQLite database) lives in
 `.c2m/prefect`, and the server binds to 127.0.0.1 only.
+
+`c2m up` / `c2m demo` start both and leave them running. `c2m run` needs only the API:
+it uses the server when one is up, and otherwise starts one for itself (marked in
+`server.owner`) that the last run using it stops; `c2m up` adopts such a server.
+
+Every flow run records the process that runs it (`record_process`, a flow hook), so that
+each start can mark Crashed the runs whose process is gone (`mark_crashed`): a kill -9
+leaves no run RUNNING forever.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +33,8 @@ HOST = "127.0.0.1"
 PORT = int(os.environ.get("C2M_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"
 PROCESSES = ("serve", "server")  # stop order: the runner first, then the API it talks to
+OWNER = STATE / "server.owner"   # present while the server belongs to `c2m run`s, not to `c2m up`
+USERS = STATE / "runs"           # one file per live `c2m run` process using the server
 
 
 def prefect_env() -> dict[str, str]:
@@ -64,19 +77,39 @@ def deployment_ready(name: str) -> bool:
     return _get(f"/deployments/name/corpus-to-model/{name}")[0] == 200
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def _pid(name: str) -> int | None:
     path = STATE / f"{name}.pid"
     try:
         pid = int(path.read_text())
-        try:
-            os.waitpid(pid, os.WNOHANG)  # reap it if it is our own exited child
-        except ChildProcessError:
-            pass
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
-        path.unlink(missing_ok=True)
+    except (FileNotFoundError, ValueError):
         return None
+    if _alive(pid):
+        return pid
+    path.unlink(missing_ok=True)
+    return None
+
+
+@contextlib.contextmanager
+def _lock():
+    """One c2m process at a time decides to start or stop the server."""
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "server.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _spawn(name: str, argv: list[str]) -> int:
@@ -106,8 +139,7 @@ def tail(name: str, lines: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
-def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
-    """Start the server and the serve process unless they already run; idempotent."""
+def _refuse_foreign() -> None:
     if healthy() and not _pid("server"):
         # another checkout's server (or the user's own): its serve process would run our
         # deployments from its code into its artifacts
@@ -115,15 +147,26 @@ def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
             f"a Prefect server that this checkout did not start answers at {API_URL}. Stop it "
             f"(`c2m down` in the checkout that started it), or give this checkout its own port: "
             f"export C2M_PORT=4201")
-    if healthy():
-        log(f"Prefect server already up at {API_URL}")
-    elif _pid("server"):
-        _wait(healthy, "server", 90)
-    else:
-        prefect = str(Path(sys.executable).with_name("prefect"))
-        _spawn("server", [prefect, "server", "start", "--host", HOST, "--port", str(PORT)])
-        log(f"starting Prefect server at {API_URL} (log: {STATE / 'server.log'})")
-        _wait(healthy, "server", 90)
+
+
+def _spawn_server(log) -> None:
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    _spawn("server", [prefect, "server", "start", "--host", HOST, "--port", str(PORT)])
+    log(f"starting Prefect server at {API_URL} (log: {STATE / 'server.log'})")
+
+
+def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
+    """Start the server and the serve process unless they already run; idempotent.
+    They stay up until `c2m down`, also when a `c2m run` had started the server."""
+    with _lock():
+        _refuse_foreign()
+        if not _pid("server"):
+            _spawn_server(log)
+        elif OWNER.exists():
+            log(f"keeping the Prefect server that a `c2m run` started at {API_URL}")
+        OWNER.unlink(missing_ok=True)  # from now on it stays up until `c2m down`
+    _wait(healthy, "server", 90)
+    mark_crashed(log)
     if not _pid("serve"):
         _spawn("serve", [sys.executable, "-m", "flows.serve"])
         log(f"serving deployments (log: {STATE / 'serve.log'})")
@@ -131,26 +174,141 @@ def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
     log(f"ready: UI at http://{HOST}:{PORT}, deployments {', '.join(deployments)}")
 
 
+@contextlib.contextmanager
+def for_run(log=print):
+    """The API for a flow run in this process (`c2m run`): the server when one is up (the
+    run then shows in its UI), otherwise one started for this run and stopped when the
+    last run using it ends. Never the serve process."""
+    me = USERS / str(os.getpid())
+    try:
+        with _lock():
+            _refuse_foreign()
+            if _pid("server"):
+                log(f"using the Prefect server at {API_URL}")
+            else:
+                OWNER.write_text("run")
+                _spawn_server(log)
+            USERS.mkdir(parents=True, exist_ok=True)
+            me.touch()
+        _wait(healthy, "server", 90)
+        mark_crashed(log)
+        yield
+    finally:
+        with _lock():
+            me.unlink(missing_ok=True)
+            others = []
+            for user in USERS.glob("*"):
+                if user.name.isdigit() and _alive(int(user.name)):
+                    others.append(user)
+                else:
+                    user.unlink()  # a run that was killed
+            if OWNER.exists() and not others and not _pid("serve"):
+                _flush_prefect()
+                _stop("server", log)
+                OWNER.unlink(missing_ok=True)
+
+
+def _flush_prefect() -> None:
+    """Send the logs and events this process still holds before their server goes away."""
+    if "prefect" not in sys.modules:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=10)
+
+
+def _stop(name: str, log) -> None:
+    pid = _pid(name)
+    if pid is None:
+        return
+    os.killpg(pid, signal.SIGTERM)
+    for _ in range(60):
+        if _pid(name) is None:
+            break
+        time.sleep(0.5)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    (STATE / f"{name}.pid").unlink(missing_ok=True)
+    log(f"stopped {name} (pid {pid})")
+    if name == "server":
+        for _ in range(40):  # the port is free again before we say so
+            if not healthy():
+                return
+            time.sleep(0.25)
+
+
 def stop(log=print) -> None:
-    for name in PROCESSES:
-        pid = _pid(name)
-        if pid is None:
-            continue
-        os.killpg(pid, signal.SIGTERM)
-        for _ in range(60):
-            if _pid(name) is None:
-                break
-            time.sleep(0.5)
-        else:
-            os.killpg(pid, signal.SIGKILL)
-        (STATE / f"{name}.pid").unlink(missing_ok=True)
-        log(f"stopped {name} (pid {pid})")
-    for _ in range(40):  # the port is free again before we say so
-        if not healthy():
-            return
-        time.sleep(0.25)
+    with _lock():
+        for name in PROCESSES:
+            _stop(name, log)
+        OWNER.unlink(missing_ok=True)
 
 
 def status() -> dict:
     return {"api": API_URL, "healthy": healthy(), "state": str(STATE),
             **{f"{name}_pid": _pid(name) for name in PROCESSES}}
+
+
+# -- flow runs whose process is gone -------------------------------------------------
+
+def record_process(flow, flow_run, state) -> None:
+    """Flow `on_running` hook: store `host:pid` of the process running this flow run in
+    its infrastructure_pid (Prefect's process workers use the same form)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, infrastructure_pid=f"{socket.gethostname()}:{os.getpid()}")
+
+
+def _process_gone(owner: str | None, started) -> bool:
+    """Whether the process that `record_process` stored for a run started at `started`
+    is gone. Runs without a record, or recorded on another host, are not ours to judge."""
+    host, _, pid = (owner or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    import psutil
+
+    try:
+        created = psutil.Process(int(pid)).create_time()
+    except psutil.NoSuchProcess:
+        return True
+    # the pid was reused by a process started after the run began
+    return started is not None and created > started.timestamp() + 1
+
+
+def mark_crashed(log=print) -> list[str]:
+    """Set Crashed every RUNNING flow run (and its RUNNING task runs) whose process is gone.
+    Returns the ids of the runs it marked."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
+                                                FlowRunFilterStateType, TaskRunFilter,
+                                                TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    marked: list[str] = []
+    try:
+        with get_client(sync_client=True) as client:
+            running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
+            for run in running:
+                if not _process_gone(run.infrastructure_pid, run.start_time):
+                    continue
+                message = (f"its process ({run.infrastructure_pid}) ended without reporting a "
+                           "final state (killed?); marked Crashed by c2m")
+                tasks = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                    task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                        type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
+                for task_run in tasks:
+                    client.set_task_run_state(task_run.id, Crashed(message=message), force=True)
+                client.set_flow_run_state(run.id, Crashed(message=message), force=True)
+                log(f"flow run {run.name} ({run.id}) was left RUNNING by process "
+                    f"{run.infrastructure_pid}, which is gone: marked Crashed")
+                marked.append(str(run.id))
+    except Exception as exc:  # housekeeping: it must not stop the work this start is for
+        log(f"warning: could not look for crashed flow runs at {API_URL}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+    return marked

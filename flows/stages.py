@@ -10,7 +10,7 @@ import hashlib
 import importlib
 import inspect
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -24,13 +24,14 @@ from corpus.filter import filter_docs
 from corpus.language import load_language_model
 from corpus.normalize import normalize
 from corpus.shard import write_token_shards
+from flows.config import Config, versioned
 from flows.parallel import map_partitions
 from flows.store import ArtifactStore
 
 
 @dataclass
 class StageContext:
-    cfg: dict                      # the whole run config
+    cfg: Config                    # the whole run config
     inputs: dict[str, Path]        # input stage -> its artifact folder
     manifests: dict[str, dict]     # input stage -> its manifest
     out: Path                      # temporary folder the stage writes into
@@ -50,6 +51,10 @@ class Stage:
     # facts outside the config that change the output (input files, Python, scorer)
     identity: Callable[[dict], dict] = field(default=lambda cfg: {})
 
+    def config(self, cfg: Config) -> dict:
+        """The settings of this stage that change its output (part of its version)."""
+        return {s: versioned(cfg.section(s)) for s in self.sections}
+
     def code_version(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self.modules):
@@ -65,34 +70,31 @@ def partitions(folder: Path) -> list[Path]:
 
 def _map_docs(ctx: StageContext, input_stage: str, step, **step_cfg) -> dict:
     parts = partitions(ctx.inputs[input_stage])
-    results = map_partitions(ctx.cfg["dask"], partial(process_partition, step), parts,
+    results = map_partitions(ctx.cfg.dask, partial(process_partition, step), parts,
                              out_dir=ctx.out, **step_cfg)
     return merge_stats(results)
 
 
 # -- source ------------------------------------------------------------------------
 
-def source_identity(cfg: dict) -> dict:
-    src = cfg["source"]
-    if src["kind"] == "pydoc":
+def source_identity(cfg: Config) -> dict:
+    if cfg.source.kind == "pydoc":
         return {"python": sources.pydoc_info()}
-    if src["kind"] == "path":
-        return {"input_files": sources.fingerprint(src["path"])}
-    raise ValueError(f"source.kind = {src['kind']!r}: use 'pydoc' or 'path'")
+    return {"input_files": sources.fingerprint(cfg.source.path)}
 
 
 def build_source(ctx: StageContext) -> dict:
-    src = ctx.cfg["source"]
+    src = ctx.cfg.source
     skipped: dict[str, str | int] = {}  # {module or file: reason} or {file: reason: count}
-    if src["kind"] == "pydoc":
-        docs = sources.pydoc_documents(limit=src["pydoc_limit"] or None, skipped=skipped)
+    if src.kind == "pydoc":
+        docs = sources.pydoc_documents(limit=src.pydoc_limit or None, skipped=skipped)
     else:
-        docs = sources.path_documents(src["path"], skipped=skipped)
-    stats = sources.write_partitions(docs, ctx.out / "docs", src["docs_per_partition"])
+        docs = sources.path_documents(src.path, skipped=skipped)
+    stats = sources.write_partitions(docs, ctx.out / "docs", src.docs_per_partition)
     if not stats["docs"]:
-        raise ValueError(f"source: no documents read from {src['kind']} {src['path']}")
-    origin = {"python": sources.pydoc_info()} if src["kind"] == "pydoc" else \
-        {"path": str(Path(src["path"]).resolve())}
+        raise ValueError(f"source: no documents read from {src.kind} {src.path}")
+    origin = {"python": sources.pydoc_info()} if src.kind == "pydoc" else \
+        {"path": str(Path(src.path).resolve())}
     return {**stats, **origin, "skipped": skipped}
 
 
@@ -113,40 +115,29 @@ def build_normalize(ctx: StageContext) -> dict:
     return {**stats, "docs_changed": changed, "fixes": fixes}
 
 
-def filter_identity(cfg: dict) -> dict:
+def filter_identity(cfg: Config) -> dict:
     """Which models will really run: `auto` and the bundled language model depend on
     what is installed here."""
-    f = cfg["filter"]
-    scorer = toxicity.load_scorer(f["toxicity"], **_scorer_args(f))
-    lid = load_language_model(f["language_model"])
+    f = cfg.filter
+    scorer = toxicity.load_scorer(f.toxicity, **f.scorer_args())
+    lid = load_language_model(f.language_model)
     return {"scorer": None if scorer is None else {"name": scorer.name, "model": scorer.model},
             "language_model": lid.name if lid else None}
 
 
-def _scorer_args(f: dict) -> dict:
-    return {"detoxify_model": f["detoxify_model"], "checkpoint": f["detoxify_checkpoint"],
-            "config_dir": f["detoxify_config_dir"], "max_tokens": f["toxicity_max_tokens"],
-            "batch_size": f["toxicity_batch_size"], "int8": f["toxicity_int8"]}
-
-
 def build_filter(ctx: StageContext) -> dict:
-    f = ctx.cfg["filter"]
+    f = ctx.cfg.filter
     identity = filter_identity(ctx.cfg)
     scorer = identity["scorer"]
     note = ""
-    if f["toxicity"] == "auto" and scorer and scorer["name"] != "detoxify":
+    if f.toxicity == "auto" and scorer and scorer["name"] != "detoxify":
         try:
-            toxicity.load_scorer("detoxify", **_scorer_args(f))
+            toxicity.load_scorer("detoxify", **f.scorer_args())
         except toxicity.ToxicityModelMissing as exc:
             note = f"auto fell back from detoxify: {exc}"
-    stats = _map_docs(
-        ctx, "normalize", filter_docs,
-        min_chars=f["min_chars"], max_chars=f["max_chars"], min_words=f["min_words"],
-        max_words=f["max_words"], quality=ctx.cfg["quality"], languages=f["languages"],
-        language_min_score=f["language_min_score"], language_model=f["language_model"],
-        # workers run the scorer the driver resolved, never their own `auto` choice
-        scorer_kind=scorer["name"] if scorer else "off", scorer_args=_scorer_args(f),
-        toxicity_threshold=f["toxicity_threshold"])
+    # workers run the scorer the driver resolved, never their own `auto` choice
+    stats = _map_docs(ctx, "normalize", filter_docs, config=f, quality=ctx.cfg.quality,
+                      scorer_kind=scorer["name"] if scorer else "off")
     languages: dict[str, int] = {}
     for part in partitions(ctx.out):
         for row in read_docs(part, ["language"] if identity["language_model"] else ["id"]):
@@ -154,20 +145,20 @@ def build_filter(ctx: StageContext) -> dict:
             languages[lang] = languages.get(lang, 0) + 1
     return {**stats, "toxicity_scorer": scorer["name"] if scorer else "off",
             "toxicity_model": scorer["model"] if scorer else None,
-            "toxicity_threshold": f["toxicity_threshold"], "toxicity_note": note,
+            "toxicity_threshold": f.toxicity_threshold, "toxicity_note": note,
             "language_model": identity["language_model"],
             "kept_languages": dict(sorted(languages.items(), key=lambda kv: -kv[1]))}
 
 
 def build_dedup(ctx: StageContext) -> dict:
-    d, dask_cfg = ctx.cfg["dedup"], ctx.cfg["dask"]
+    d, dask_cfg = ctx.cfg.dedup, ctx.cfg.dask
     parts = partitions(ctx.inputs["filter"])
     hashes = map_partitions(dask_cfg, dedup.partition_hashes, parts)
     part_ids = [[id_ for id_, _ in part] for part in hashes]
     exact = dedup.exact_duplicates(pair for part in hashes for pair in part)
     near: dict[str, tuple[str, float]] = {}
-    if d["near"]:
-        near_cfg = {k: d[k] for k in ("bands", "rows", "ngram", "seed", "threshold")}
+    if d.near:
+        near_cfg = asdict(d)
         signatures = map_partitions(dask_cfg, partial(dedup.partition_signatures, **near_cfg), parts)
         near = dedup.near_duplicate_map(signatures, **near_cfg)
     # a copy of a document that is itself a near duplicate points at the one kept
@@ -206,26 +197,32 @@ def model_artifact(ref: str, artifacts: str | Path) -> dict:
             "tokenizer": store.path("tokenizer", tokenizer_version) / "tokenizer.json"}
 
 
-def parent_model(cfg: dict) -> dict | None:
+def parent_model(cfg: Config) -> dict | None:
     """The model `train.init_from` names, to fine-tune on this run's corpus."""
-    ref = cfg["train"]["init_from"]
-    return model_artifact(ref, cfg["run"]["artifacts"]) if ref else None
+    ref = cfg.train.init_from
+    return model_artifact(ref, cfg.run.artifacts) if ref else None
 
 
-def train_identity(cfg: dict) -> dict:
+def train_identity(cfg: Config) -> dict:
+    """The device and dtype that will really run (they change the weights), and the parent."""
+    from trainer import perf
+
+    device = perf.resolve_device(cfg.train.device)
+    dtype, _ = perf.resolve_dtype(device, cfg.train.dtype)
     parent = parent_model(cfg)
-    return {"parent": {"version": parent["version"], "sha256": parent["sha256"]}} if parent else {}
+    return {"device": device.type, "dtype": dtype,
+            **({"parent": {"version": parent["version"], "sha256": parent["sha256"]}} if parent else {})}
 
 
-def tokenizer_identity(cfg: dict) -> dict:
+def tokenizer_identity(cfg: Config) -> dict:
     parent = parent_model(cfg)
     return {"parent_tokenizer": parent["tokenizer_version"]} if parent else {}
 
 
 def build_tokenizer(ctx: StageContext) -> dict:
     parts = partitions(ctx.inputs["dedup"])
-    val_fraction = ctx.cfg["split"]["val_fraction"]
-    t = ctx.cfg["tokenizer"]
+    val_fraction = ctx.cfg.split.val_fraction
+    t = ctx.cfg.tokenizer
     parent = parent_model(ctx.cfg)
     if parent:
         tok = Tokenizer.from_file(str(parent["tokenizer"]))
@@ -233,11 +230,16 @@ def build_tokenizer(ctx: StageContext) -> dict:
     else:
         # trained on the train split only, so the held-out figure is honest
         train_texts = (text for id_, text in read_texts(parts) if not is_val(id_, val_fraction))
-        tok = tokenizer.train_bpe(train_texts, vocab_size=t["vocab_size"], min_frequency=t["min_frequency"])
+        tok = tokenizer.train_bpe(train_texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
     tok.save(str(ctx.out / "tokenizer.json"))
     heldout = tokenizer.bytes_per_token(
         tok, (text for id_, text in read_texts(parts) if is_val(id_, val_fraction)))
-    return {"vocab_size": tok.get_vocab_size(), "heldout": heldout,
+    short = None
+    if not parent and tok.get_vocab_size() < t.vocab_size:
+        short = (f"the corpus gave {tok.get_vocab_size():,} of the {t.vocab_size:,} tokens asked for: "
+                 f"no more pairs occur {t.min_frequency}+ times")
+        ctx.log(f"tokenizer: {short}")
+    return {"vocab_size": tok.get_vocab_size(), "vocab_size_note": short, "heldout": heldout,
             "parent_tokenizer": parent["tokenizer_version"] if parent else None}
 
 
@@ -245,22 +247,21 @@ def build_shard(ctx: StageContext) -> dict:
     tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"] / "tokenizer.json"))
     splits = write_token_shards(
         read_texts(partitions(ctx.inputs["dedup"])), tok, ctx.out,
-        shard_tokens=ctx.cfg["shard"]["shard_tokens"], val_fraction=ctx.cfg["split"]["val_fraction"])
+        shard_tokens=ctx.cfg.shard.shard_tokens, val_fraction=ctx.cfg.split.val_fraction)
     return {"vocab_size": tok.get_vocab_size(), **splits}
 
 
 # -- model -------------------------------------------------------------------------
 
 def build_train(ctx: StageContext) -> dict:
-    from trainer.train import TrainConfig, train
+    from trainer.train import train
 
     shard_dir, val = ctx.inputs["shard"], ctx.manifests["shard"]["stats"]["val"]
-    settings = dict(ctx.cfg["train"])
-    parent = parent_model(ctx.cfg) if settings.pop("init_from") else None
+    parent = parent_model(ctx.cfg)
     # Train in the work folder, which outlives a failed or killed run: re-running the
     # stage resumes from its newest checkpoint. Then move the results into the artifact.
     stats = train(sorted(shard_dir.glob("train_*.bin")), ctx.manifests["shard"]["stats"]["vocab_size"],
-                  TrainConfig(**settings), ctx.work, log=ctx.log,
+                  ctx.cfg.train, ctx.work, log=ctx.log,
                   val_shards=sorted(shard_dir.glob("val_*.bin")),
                   val_tokens_per_byte=val["tokens"] / val["bytes"],
                   init_from=parent["model"] if parent else None, resume=True)
@@ -274,20 +275,16 @@ def build_train(ctx: StageContext) -> dict:
 def build_evaluate(ctx: StageContext) -> dict:
     from trainer.evaluate import evaluate, evaluate_checkpoints, plot_curve
 
-    e = ctx.cfg["evaluate"]
+    e = ctx.cfg.evaluate
     val = sorted(ctx.inputs["shard"].glob("val_*.bin"))
-    max_tokens = e["max_tokens"] or None
-    metrics = evaluate(
-        ctx.inputs["train"] / "model.pt", val, ctx.inputs["tokenizer"] / "tokenizer.json",
-        batch_size=e["batch_size"], max_tokens=max_tokens, samples=e["samples"],
-        sample_tokens=e["sample_tokens"], temperature=e["temperature"], top_k=e["top_k"] or None,
-        top_p=e["top_p"] if e["top_p"] < 1 else None, seed=e["seed"])
+    metrics = evaluate(ctx.inputs["train"] / "model.pt", val,
+                       ctx.inputs["tokenizer"] / "tokenizer.json", e)
     # the same val windows for every kept checkpoint: the curve and the final figure agree;
     # the last checkpoint is model.pt, scored above
     final = metrics["checkpoint_step"]
     earlier = [p for p in sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt"))
                if int(p.stem.removeprefix("step_")) != final]
-    curve = evaluate_checkpoints(earlier, val, metrics["tokens_per_byte"], e["batch_size"], max_tokens)
+    curve = evaluate_checkpoints(earlier, val, metrics["tokens_per_byte"], e.batch_size, e.max_tokens or None)
     curve.append({"step": final, "tokens": metrics["tokens_evaluated"],
                   **{k: metrics[k] for k in ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte")}})
     plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"])
@@ -299,8 +296,8 @@ def build_evaluate(ctx: StageContext) -> dict:
 STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("source", (), ("source",), ("corpus.sources", "corpus.documents"), build_source,
           identity=source_identity),
-    Stage("extract", ("source",), ("extract",), ("corpus.extract", "corpus.documents"), build_extract),
-    Stage("normalize", ("extract",), ("normalize",), ("corpus.normalize", "corpus.documents"),
+    Stage("extract", ("source",), (), ("corpus.extract", "corpus.documents"), build_extract),
+    Stage("normalize", ("extract",), (), ("corpus.normalize", "corpus.documents"),
           build_normalize),
     Stage("filter", ("normalize",), ("filter", "quality"),
           ("corpus.filter", "corpus.quality", "corpus.language", "corpus.toxicity", "corpus.documents"),

@@ -1,6 +1,8 @@
 """filter, dedup, tokenizer and shard on small documents, through process_partition."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -8,7 +10,8 @@ import pytest
 from conftest import offensive_tweets
 from corpus.dedup import drop_duplicates, exact_duplicates, partition_hashes, text_hash
 from corpus.documents import ConservationError, Rejected, is_val, process_partition, write_docs
-from corpus.filter import filter_docs
+from corpus.filter import FilterConfig, filter_docs
+from corpus.quality import GROUPS, quality_config
 from corpus.shard import write_token_shards
 from corpus.tokenizer import EOT, bytes_per_token, train_bpe
 from trainer.data import open_shard
@@ -21,9 +24,8 @@ def docs(*texts: str) -> list[dict]:
     return [{"id": f"d{i}", "source": f"doc{i}.html", "text": t} for i, t in enumerate(texts)]
 
 
-LENGTHS = dict(min_chars=20, max_chars=2000, min_words=5, max_words=300)
-QUALITY_OFF = {f"{group}_enabled": False for group in ("gopher_quality", "gopher_repetition", "c4", "fineweb")}
-NO_LANGUAGE = dict(languages=[], language_min_score=0.65, language_model="")
+FILTER = FilterConfig(min_chars=20, max_chars=2000)
+QUALITY_OFF = quality_config({group: {"enabled": False} for group in GROUPS})
 
 
 def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
@@ -32,8 +34,8 @@ def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     stats = process_partition(filter_docs, tmp_path / "part-00000.parquet", out,
-                              scorer_kind="profanity-check", scorer_args={},
-                              toxicity_threshold=0.8, quality=QUALITY_OFF, **NO_LANGUAGE, **LENGTHS)
+                              config=replace(FILTER, toxicity_threshold=0.8), quality=QUALITY_OFF,
+                              scorer_kind="profanity-check")
     assert stats["docs_in"] == 4 and stats["docs_out"] == 1
     assert stats["reasons"] == {"too_few_chars": 1, "too_many_chars": 1, "toxic": 1}
     kept = pq.read_table(out / "docs" / "part-00000.parquet").to_pylist()
@@ -44,8 +46,7 @@ def test_filter_drops_by_length_and_toxicity_and_keeps_the_rest(tmp_path):
 
 
 def test_filter_without_scorer_scores_nothing():
-    out = list(filter_docs(docs(PROSE), scorer_kind="off", scorer_args={}, toxicity_threshold=0.5,
-                           quality=QUALITY_OFF, **NO_LANGUAGE, **LENGTHS))
+    out = list(filter_docs(docs(PROSE), config=FILTER, quality=QUALITY_OFF, scorer_kind="off"))
     assert out[0]["toxicity"] is None
     assert out[0]["language"] == "en" and out[0]["language_score"] > 0.5  # labelled, not filtered
 
@@ -54,10 +55,9 @@ def test_filter_applies_quality_rules_then_language_before_scoring():
     german = ("Der Ausschuss wird seine Ergebnisse im Frühjahr veröffentlichen, nachdem die "
               "Anhörungen beendet sind und alle Zeugen gehört wurden. ") * 3
     lorem = PROSE + " Lorem ipsum dolor sit amet."
-    out = list(filter_docs(docs(PROSE, lorem, german), scorer_kind="off", scorer_args={},
-                           toxicity_threshold=0.5, quality={**QUALITY_OFF, "c4_enabled": True},
-                           languages=["en"], language_min_score=0.65, language_model="",
-                           min_chars=20, max_chars=2000, min_words=5, max_words=300))
+    out = list(filter_docs(docs(PROSE, lorem, german), config=replace(FILTER, languages=["en"]),
+                           quality=quality_config({g: {"enabled": g == "c4"} for g in GROUPS}),
+                           scorer_kind="off"))
     rejected = {r.doc["id"]: r for r in out if isinstance(r, Rejected)}
     assert [d["id"] for d in out if not isinstance(d, Rejected)] == ["d0"]
     assert (rejected["d1"].reason, rejected["d2"].reason) == ("c4_lorem_ipsum", "language")

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import trainer.evaluate as ev
 from conftest import shared
 from trainer.data import Shards, write_shard
-from trainer.evaluate import (bits_per_byte, compressor_sizes, evaluate, evaluate_checkpoints, plot_curve,
+from trainer.evaluate import (EvaluateConfig, bits_per_byte, compressor_sizes, evaluate, evaluate_checkpoints, plot_curve,
                               token_bytes, val_byte_chunks, val_metrics)
 from trainer.model import GPT, GPTConfig, load_model
 
@@ -277,7 +277,7 @@ def run(tmp_path_factory):
 def test_evaluate_end_to_end(run):
     d, tok, ids = run
     m = evaluate(d / "model.pt", [d / "val_000000.bin"], d / "tokenizer.json",
-                 batch_size=4, samples=0)
+                 EvaluateConfig(batch_size=4, samples=0, max_tokens=0))
     json.dumps(m)  # the caller writes it as metrics.json
 
     model, _ = load_model(d / "model.pt")
@@ -314,15 +314,16 @@ def test_evaluate_end_to_end(run):
     assert m["beats_unigram"] is True and m["loss"] < m["unigram_entropy"]
 
     limited = evaluate(d / "model.pt", [d / "val_000000.bin"], d / "tokenizer.json",
-                       max_tokens=40, samples=0)
+                       EvaluateConfig(max_tokens=40, samples=0))
     assert limited["tokens_evaluated"] == 32
     assert limited["bytes_evaluated"] == len(b"".join(token_bytes(tok)[t] for t in targets[:32]))
 
 
 def test_evaluate_samples(run):
     d, tok, ids = run
-    kw = dict(samples=2, sample_tokens=12, prompts=("", "the cat"), temperature=0.8, top_k=20, top_p=0.9,
-              seed=7, max_tokens=32)
+    cfg = EvaluateConfig(samples=2, sample_tokens=12, temperature=0.8, top_k=20, top_p=0.9,
+                         seed=7, max_tokens=32)
+    kw = dict(cfg=cfg, prompts=("", "the cat"))
     m = evaluate(d / "model.pt", [d / "val_000000.bin"], d / "tokenizer.json", **kw)
     assert [s["prompt"] for s in m["samples"]] == ["", "", "the cat", "the cat"]
     assert all(isinstance(s["text"], str) for s in m["samples"])
@@ -337,12 +338,13 @@ def test_evaluate_rejects_a_foreign_tokenizer(run, tmp_path):
     byte_level_bpe(SENTENCES * 3 + ["more words, other merges " * 40], vocab_size=400).save(
         str(tmp_path / "big.json"))
     with pytest.raises(ValueError, match="big.json"):
-        evaluate(d / "model.pt", [d / "val_000000.bin"], tmp_path / "big.json", samples=0)
+        evaluate(d / "model.pt", [d / "val_000000.bin"], tmp_path / "big.json", EvaluateConfig(samples=0))
 
 
 def test_checkpoint_curve_and_plot(run, tmp_path):
     d, tok, ids = run
-    final = evaluate(d / "model.pt", [d / "val_000000.bin"], d / "tokenizer.json", samples=0)
+    final = evaluate(d / "model.pt", [d / "val_000000.bin"], d / "tokenizer.json",
+                     EvaluateConfig(samples=0, max_tokens=0))
     curve = evaluate_checkpoints([d / "model.pt", d / "step0.pt"], [d / "val_000000.bin"],
                                  final["tokens_per_byte"], batch_size=4, max_tokens=None)
     assert [r["step"] for r in curve] == [0, 60]

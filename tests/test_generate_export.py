@@ -1,7 +1,6 @@
 """Generation with the KV cache (trainer/generate.py) and the Hugging Face export (trainer/export.py)."""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict
 

@@ -160,7 +160,7 @@ def test_signatures_are_the_same_in_any_partition(tmp_path):
     assert text_signatures(texts[:1], bands=4, rows=4).shape == (1, 16)
     with pytest.raises(ValueError, match="bands x rows"):
         near_duplicate_map(parts, bands=4, rows=4)
-    with pytest.raises(TypeError, match="unknown"):
+    with pytest.raises(ValueError, match="num_bands"):
         text_signatures(texts, num_bands=3)
 
 

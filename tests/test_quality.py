@@ -3,13 +3,12 @@ config handling, edge cases, repetition fractions checked by hand on tiny inputs
 from __future__ import annotations
 
 import itertools
-import tomllib
 
 import pytest
 
 from corpus.documents import REJECTED_COLUMNS, Rejected, process_partition, read_docs, write_docs
-from corpus.quality import (DEFAULTS, REASONS, QualityStats, flatten, quality_failures,
-                            quality_filter, quality_reason, resolve_config, toml_section)
+from corpus.quality import (GROUPS, REASONS, QualityConfig, QualityStats, quality_config,
+                            quality_failures, quality_filter, quality_reason)
 
 CLEAN_LINES = [
     "The river town of Hallam grew up around a ford where the old coaching road crossed the water.",
@@ -22,7 +21,7 @@ CLEAN_LINES = [
     "In winter the fog settles low over the meadows, and the lamps along the quay glow like lanterns.",
 ]
 CLEAN = "\n".join(CLEAN_LINES[:4]) + "\n\n" + "\n".join(CLEAN_LINES[4:])
-ALL_ON = {group: {"skip": []} for group in DEFAULTS}  # every rule, optional ones included
+ALL_ON = {group: {"skip": []} for group in GROUPS}  # every rule, optional ones included
 
 RUSSIAN = (
     "Небольшой город на берегу реки вырос вокруг старого брода, где проходила почтовая дорога.\n"
@@ -134,68 +133,62 @@ def test_every_reason_has_a_fixture():
 
 
 def test_clean_prose_passes_every_rule():
-    assert quality_failures(CLEAN, ALL_ON) == []
-    assert quality_reason(CLEAN, DEFAULTS) is None
+    assert quality_failures(CLEAN, quality_config(ALL_ON)) == []
+    assert quality_reason(CLEAN, QualityConfig()) is None
     assert quality_reason(CLEAN) is None
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_fixture_trips_its_rule(name):
     text, config, expected = FIXTURES[name]
-    failures = [reason for reason, _ in quality_failures(text, config)]
+    failures = [reason for reason, _ in quality_failures(text, quality_config(config))]
     assert sorted(failures) == sorted(expected)
     assert name in failures
-    reason, details = quality_reason(text, config)
+    reason, details = quality_reason(text, quality_config(config))
     assert reason in expected and set(details) == {"value"} and isinstance(details["value"], float)
 
 
 @pytest.mark.parametrize("name", sorted(FIXTURES))
 def test_turning_the_rules_off_keeps_the_doc(name):
     text, config, expected = FIXTURES[name]
-    config = resolve_config(config)
+    config = quality_config(config)
     for reason in expected:
-        group = next(g for g, reasons in REASONS.items() if reason in reasons)
-        config[group]["skip"] = sorted(set(config[group]["skip"]) | {reason})
+        group = getattr(config, next(g for g, reasons in REASONS.items() if reason in reasons))
+        group.skip = sorted(set(group.skip) | {reason})
     assert quality_reason(text, config) is None
     # and turning the whole group off does the same
-    groups = {next(g for g, rs in REASONS.items() if r in rs) for r in expected}
-    assert quality_reason(text, {g: {"enabled": False} for g in groups} | {
-        g: v for g, v in resolve_config(FIXTURES[name][1]).items() if g not in groups}) is None
+    config = quality_config(FIXTURES[name][1])
+    for reason in expected:
+        getattr(config, next(g for g, rs in REASONS.items() if reason in rs)).enabled = False
+    assert quality_reason(text, config) is None
 
 
 def test_thresholds_come_from_config():
     n_words = len(CLEAN.split())
-    assert quality_reason(CLEAN, {"gopher_quality": {"min_words": n_words + 1}}) == (
+    assert quality_reason(CLEAN, quality_config({"gopher_quality": {"min_words": n_words + 1}})) == (
         "gopher_word_count", {"value": float(n_words)})
-    assert quality_reason(CLEAN, {"gopher_quality": {"max_words": n_words - 1}})[0] == \
+    assert quality_reason(CLEAN, quality_config({"gopher_quality": {"max_words": n_words - 1}}))[0] == \
         "gopher_word_count"
-    assert quality_reason(CLEAN, {"gopher_quality": {"min_words": n_words}}) is None
-    assert quality_reason(CLEAN, {"gopher_quality": {"min_stop_words": 1000}})[0] == \
+    assert quality_reason(CLEAN, quality_config({"gopher_quality": {"min_words": n_words}})) is None
+    assert quality_reason(CLEAN, quality_config({"gopher_quality": {"min_stop_words": 1000}}))[0] == \
         "gopher_stop_words"
-    assert quality_reason(CLEAN, {"fineweb": {"min_line_punct": 1.01}})[0] == \
+    assert quality_reason(CLEAN + "\nA heading", quality_config({"fineweb": {"min_line_punct": 1.0}}))[0] == \
         "fineweb_line_punctuation"
-    assert quality_reason(CLEAN, {"fineweb": {"short_line_chars": 200}})[0] == \
+    assert quality_reason(CLEAN, quality_config({"fineweb": {"short_line_chars": 200}}))[0] == \
         "fineweb_short_lines"
-    assert quality_reason(CLEAN, {"c4": {"min_punct_lines": 9}}) == (
+    assert quality_reason(CLEAN, quality_config({"c4": {"min_punct_lines": 9}})) == (
         "c4_punctuation", {"value": 8.0})
     # a looser threshold keeps a fixture's document
     text, _, _ = FIXTURES["gopher_symbol_ratio"]
-    assert quality_reason(text, {"gopher_quality": {"max_symbol_word_ratio": 0.5}}) is None
+    assert quality_reason(text, quality_config({"gopher_quality": {"max_symbol_word_ratio": 0.5}})) is None
     text, _, _ = FIXTURES["fineweb_dup_line_chars"]
-    assert quality_reason(text, {"fineweb": {"max_dup_line_chars": 0.1}}) is None
+    assert quality_reason(text, quality_config({"fineweb": {"max_dup_line_chars": 0.1}})) is None
 
 
-def test_flat_config_and_toml_section():
-    section = tomllib.loads(toml_section())["quality"]
-    assert section == flatten(DEFAULTS)
-    assert resolve_config(section) == DEFAULTS
-    section["c4_skip"] = []
-    section["gopher_quality_min_words"] = 5
-    assert resolve_config(section)["c4"]["skip"] == []
-    assert resolve_config(section)["gopher_quality"]["min_words"] == 5
+def test_curly_brace_rule_is_optional():
     text, _, _ = FIXTURES["c4_curly_brace"]
-    assert quality_reason(text, section)[0] == "c4_curly_brace"
-    assert quality_reason(text, flatten(DEFAULTS)) is None
+    assert quality_reason(text, quality_config({"c4": {"skip": []}}))[0] == "c4_curly_brace"
+    assert quality_reason(text) is None
 
 
 @pytest.mark.parametrize("bad", [
@@ -203,19 +196,19 @@ def test_flat_config_and_toml_section():
     {"gopher_quality": {"min_word": 1}},
     {"c4": {"skip": ["c4_curly"]}},
     {"c4": {"skip": ["gopher_word_count"]}},
-    {"fineweb_min_line_puncts": 0.1},
-    {"nothing_here": 1},
+    {"gopher_quality": {"min_words": 60, "max_words": 50}},
+    {"fineweb": {"max_short_lines": 1.5}},
+    {"nothing_here": {"enabled": True}},
 ])
 def test_bad_config_is_an_error(bad):
     with pytest.raises(ValueError):
-        resolve_config(bad)
+        quality_config(bad)
 
 
-def test_defaults_are_not_mutated():
-    before = flatten(DEFAULTS)
-    config = resolve_config({"c4": {"skip": []}})
-    config["fineweb"]["skip"].append("fineweb_short_lines")
-    assert flatten(DEFAULTS) == before
+def test_defaults_are_not_shared():
+    config = quality_config({"c4": {"skip": []}})
+    config.fineweb.skip.append("fineweb_short_lines")
+    assert QualityConfig().fineweb.skip == ["fineweb_list_like"]
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -224,7 +217,7 @@ def test_empty_and_blank_texts():
     for text in ("", "\n\n\n", "   \n \t\n"):
         assert quality_reason(text) == ("gopher_word_count", {"value": 0.0})
         # every other rule copes with no words and no lines
-        assert [r for r, _ in quality_failures(text, ALL_ON)] == [
+        assert [r for r, _ in quality_failures(text, quality_config(ALL_ON))] == [
             "gopher_word_count", "gopher_mean_word_length", "gopher_alpha_words",
             "gopher_stop_words", "c4_punctuation", "fineweb_line_punctuation"]
 
@@ -232,14 +225,14 @@ def test_empty_and_blank_texts():
 def test_single_line():
     text = " ".join(CLEAN_LINES)
     assert "\n" not in text
-    assert quality_failures(text, ALL_ON) == []
+    assert quality_failures(text, quality_config(ALL_ON)) == []
     stats = QualityStats(text)
     assert len(stats.lines) == len(stats.paragraphs) == 1
 
 
 def test_empty_lines_do_not_count():
     spaced = "\n\n\n".join(CLEAN_LINES).replace("\n\n\n", "\n  \n\n")
-    assert quality_failures(spaced, ALL_ON) == []
+    assert quality_failures(spaced, quality_config(ALL_ON)) == []
     stats = QualityStats(spaced)
     assert len(stats.lines) == len(CLEAN_LINES)
     assert stats.dup_lines == (0, 0)
@@ -248,7 +241,7 @@ def test_empty_lines_do_not_count():
 def test_non_latin_text():
     # Cyrillic words are alphabetic; only the English stop-word rule drops them
     assert [r for r, _ in quality_failures(RUSSIAN)] == ["gopher_stop_words"]
-    assert quality_reason(RUSSIAN, {"gopher_quality": {"skip": ["gopher_stop_words"]}}) is None
+    assert quality_reason(RUSSIAN, quality_config({"gopher_quality": {"skip": ["gopher_stop_words"]}})) is None
     # Chinese has no spaces: one "word" per line
     chinese = ("河流小镇围绕着一个古老的渡口发展起来。\n"
                "十九世纪的大部分时间里，镇上的磨坊把羊毛纺成布。\n")
@@ -263,10 +256,10 @@ def test_non_latin_text():
 def test_duplicate_line_fractions_by_hand():
     s = QualityStats("aaaa\nbb\naaaa\ncc")
     assert s.dup_lines == (1, 4)            # the second "aaaa"
-    assert quality_failures("aaaa\nbb\naaaa\ncc", {
+    assert quality_failures("aaaa\nbb\naaaa\ncc", quality_config({
         "gopher_quality": {"enabled": False}, "c4": {"enabled": False},
         "fineweb": {"enabled": False},
-        "gopher_repetition": {"max_dup_lines": 0.24, "max_dup_line_chars": 0.33}}) == [
+        "gopher_repetition": {"max_dup_lines": 0.24, "max_dup_line_chars": 0.33}})) == [
         ("gopher_dup_lines", {"value": 0.25}),            # 1 of 4 lines
         ("gopher_dup_line_chars", {"value": 4 / 12}),     # 4 of 4+2+4+2 characters
     ]
@@ -281,7 +274,7 @@ def test_duplicate_paragraph_fractions_by_hand():
     config = {"gopher_quality": {"enabled": False}, "c4": {"enabled": False},
               "fineweb": {"enabled": False}}
     values = dict(quality_failures("p one\nstill one\n\np two\n\n  \n\np one\nstill one",
-                                   config))
+                                   quality_config(config)))
     assert values["gopher_dup_paragraphs"] == {"value": 1 / 3}
     assert values["gopher_dup_paragraph_chars"] == {"value": 15 / 35}
     assert values["gopher_dup_lines"] == {"value": 2 / 5}   # "p one", "still one" again
@@ -341,7 +334,7 @@ def test_step_and_partition(tmp_path):
     assert "value" in REJECTED_COLUMNS
     write_docs(docs, tmp_path / "in.parquet")
     stats = process_partition(quality_filter, tmp_path / "in.parquet", tmp_path / "out",
-                              config=flatten(resolve_config(None)))
+                              config=QualityConfig())
     assert stats["docs_out"] == 1 and stats["docs_rejected"] == len(docs) - 1
     rows = list(read_docs(tmp_path / "out" / "rejected" / "in.parquet"))
     by_id = {r["id"]: r for r in rows}

@@ -3,27 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
-C2M = str(Path(sys.executable).with_name("c2m"))
+from conftest import C2M, alive, free_port
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_path):
@@ -49,6 +34,16 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
         assert (tmp_path / "state" / "prefect").is_dir()  # Prefect state stays project-local
         assert c2m("up").returncode == 0  # idempotent: nothing new started
         assert json.loads(c2m("status").stdout)["server_pid"] == pids[0]
+        # `c2m run` uses the server that is up (the run shows in its UI) and leaves it up
+        run = c2m("run", "--stage", "source", "--set", "source.pydoc_limit=1",
+                  "--set", f"run.artifacts={tmp_path / 'artifacts'}")
+        assert run.returncode == 0, run.stderr
+        assert "using the Prefect server" in run.stderr and "starting Prefect server" not in run.stderr
+        flow_run = re.search(r"/runs/flow-run/([0-9a-f-]{36})", run.stderr).group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/flow_runs/{flow_run}", timeout=5) as r:
+            assert json.load(r)["state_type"] == "COMPLETED"
+        status = json.loads(c2m("status").stdout)
+        assert status["healthy"] and [status["server_pid"], status["serve_pid"]] == pids
         # a second checkout (its own state folder) must not adopt this server
         other = subprocess.run([C2M, "up"], capture_output=True, text=True, timeout=60,
                                env={**env, "C2M_STATE": str(tmp_path / "other-state")})

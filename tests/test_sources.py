@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import sys
 
 import pyarrow as pa
@@ -171,6 +172,10 @@ def test_path_documents_errors(tmp_path):
     badgz.write_bytes(b"not gzip")
     with pytest.raises(ValueError, match=r"bad\.html\.gz: not a readable gzip"):
         list(path_documents(badgz))
+    ints = tmp_path / "ints.parquet"  # a url column of integers: named, not an ArrowTypeError
+    pq.write_table(pa.table({"text": ["a", "b"], "url": [17, 18]}), ints)
+    with pytest.raises(ValueError, match=r"ints\.parquet row 0: 'url' must be a string, got int 17"):
+        list(path_documents(ints))
 
 
 # ------------------------------------------------------------------------ partitions
@@ -235,3 +240,25 @@ def test_pydoc_skipped_dict_and_zero_limit():
     docs = list(pydoc_documents(["no_such_module", "textwrap"], limit=0, skipped=skipped))
     assert [d["source"] for d in docs] == ["pydoc:textwrap"]
     assert list(skipped) == ["no_such_module"]
+
+
+def test_binary_files_saved_as_html_are_read_raw_and_rejected_by_extract(tmp_path):
+    # the sources stage passes a file's bytes on as they are; extract names what they are
+    from corpus.documents import Rejected
+    from corpus.extract import extract
+
+    (tmp_path / "noise.html").write_bytes(os.urandom(166_000))
+    (tmp_path / "logo.htm").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(4000))
+    (tmp_path / "twice.html.gz").write_bytes(gzip.compress(gzip.compress(b"<p>x</p>")))
+    (tmp_path / "page.html").write_bytes(b"<p>a real page</p>")
+    docs = list(path_documents(tmp_path))
+    assert [d["source"] for d in docs] == ["logo.htm", "noise.html", "page.html",
+                                           "twice.html.gz"]
+    assert docs[1]["html"] == (tmp_path / "noise.html").read_bytes()
+    out = {(o.doc if isinstance(o, Rejected) else o)["source"]: o for o in extract(docs)}
+    assert out["page.html"]["text"] == "a real page"
+    for name, error in (("noise.html", "bytes are control bytes"),
+                        ("logo.htm", "starts with the PNG file signature"),
+                        ("twice.html.gz", "starts with the gzip file signature")):
+        assert isinstance(out[name], Rejected) and out[name].reason == "binary", name
+        assert error in out[name].details["error"] and out[name].details["value"] >= 0

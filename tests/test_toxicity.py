@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import shared
 from corpus.toxicity import ToxicityModelMissing, load_scorer
 
-DAVIDSON = Path("/work/shared/data/toxicity-davidson/labeled_data.csv")
 # detoxify "original" checkpoint class names, before detoxify standardises them
 ORIGINAL_CLASSES = ["toxic", "severe_toxic", "obscene", "threat", "insult", "identity_hate"]
 SENTENCES = [
@@ -198,10 +198,8 @@ def test_fetch_without_network_fails_in_one_clear_line():
 def test_profanity_check_separates_offensive_tweets():
     from sklearn.metrics import roc_auc_score
 
-    if not DAVIDSON.is_file():
-        pytest.fail(f"labelled tweets not found at {DAVIDSON} (Davidson et al. hate speech data, "
-                    "columns class: 0 hate, 1 offensive, 2 neither, and tweet)")
-    with DAVIDSON.open(newline="", encoding="utf-8") as f:
+    # Davidson et al.: class 0 hate, 1 offensive, 2 neither
+    with shared("toxicity-davidson", "labeled_data.csv").open(newline="", encoding="utf-8") as f:
         rows = [(int(r["class"]), r["tweet"]) for r in csv.DictReader(f)]
     rows = random.Random(0).sample(rows, 1000)
     labels = [int(c in (0, 1)) for c, _ in rows]

@@ -2,6 +2,10 @@
 import functools
 import json
 import math
+import os
+import resource
+import shutil
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -11,7 +15,9 @@ import torch
 from trainer.data import EpochLoader, Shards, write_shard
 from trainer.evaluate import unigram_entropy
 from trainer.model import GPT, GPTConfig, load_model
-from trainer.train import TrainConfig, lr_at, param_groups, train
+from trainer import perf
+from trainer.train import (DiskFullError, TrainConfig, _save, _shared_cores_hint, lr_at, param_groups,
+                           train)
 
 VOCAB = 64
 TINY = GPTConfig(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=2, n_embd=32)
@@ -243,6 +249,8 @@ def test_training_learns_the_pattern(trained, synthetic_shards):
     assert stats["steps"] == 60 and stats["tokens_seen"] == 60 * 8 * 32
     assert stats["tokens_per_s"] > 0 and stats["seconds"] > 0 and 0 < stats["mfu"] < 1
     assert stats["peak_flops_source"].startswith("measured")
+    assert stats["dtype"] == "float32" and stats["dtype_reason"] == "as configured"
+    assert lines[0] == "dtype float32: as configured" and stats["mfu_note"] is None
     assert stats["n_params"] == GPT(TINY).num_params()
     assert stats["compile_seconds"] is None and stats["parent"] is None and stats["resumed_from"] is None
     assert len([l for l in lines if l.startswith("step")]) == len(records)
@@ -390,7 +398,7 @@ def test_compile_failure_falls_back_to_eager(synthetic_shards, tmp_path, monkeyp
     stats = train(synthetic_shards[0], VOCAB, replace(cfg, compile=True), tmp_path / "c", log=lines.append)
     assert len([l for l in lines if l.startswith("torch.compile failed")]) == 1
     assert stats["compile_seconds"] is None
-    eager = train(synthetic_shards[0], VOCAB, cfg, tmp_path / "e", log=lambda _: None)
+    train(synthetic_shards[0], VOCAB, cfg, tmp_path / "e", log=lambda _: None)
     # the failed attempt left no trace: same data position, same weights
     assert strip_timing(read_metrics(tmp_path / "c")) == strip_timing(read_metrics(tmp_path / "e"))
 
@@ -413,6 +421,82 @@ def test_fine_tune_starts_from_the_parent(trained, synthetic_shards, tmp_path):
     assert first["loss"] < 0.25 * math.log(VOCAB)  # a fresh model starts at about ln(vocab)
     with pytest.raises(ValueError, match=r"model\.pt.*vocab_size 64.*100"):
         train(synthetic_shards[0], 100, cfg, tmp_path / "bad", init_from=parent_path)
+
+
+def test_auto_dtype_is_resolved_logged_and_returned(synthetic_shards, tmp_path):
+    lines = []
+    stats = train(synthetic_shards[0], VOCAB, replace(TRAIN_CFG, dtype="auto", max_steps=3, log_every=1,
+                                                      checkpoint_every=0), tmp_path, log=lines.append)
+    dtype, reason = perf.resolve_dtype(torch.device("cpu"), "auto")
+    assert (stats["dtype"], stats["dtype_reason"]) == (dtype, reason)
+    assert lines[0] == f"dtype {dtype}: {reason}" and f"cpu, {dtype}," in lines[1]
+
+
+def test_mfu_above_the_peak_is_not_reported(synthetic_shards, tmp_path, monkeypatch):
+    # a peak probe that ran slow (a busy neighbour) gives a peak below what training does
+    monkeypatch.setattr(perf, "peak_flops", lambda device, dtype: (1.0, "measured: a slow probe"))
+    lines = []
+    stats = train(synthetic_shards[0], VOCAB, replace(TRAIN_CFG, max_steps=3, log_every=1,
+                                                      checkpoint_every=0), tmp_path, log=lines.append)
+    assert stats["mfu"] is None and stats["mfu_note"] == perf.PEAK_TOO_LOW
+    assert all(r["mfu"] is None for r in read_metrics(tmp_path))
+    assert all("MFU n/a" in l for l in lines if l.startswith("step"))
+    assert any(l.startswith(perf.PEAK_TOO_LOW) for l in lines)
+    from flows.report import headline  # the train report says why there is no MFU
+
+    report = "\n".join(headline({"stage": "train", "stats": stats}))
+    assert perf.PEAK_TOO_LOW in report and "measured: a slow probe" in report
+    assert "- dtype float32: as configured" in report and "MFU 0" not in report
+
+
+def test_busy_cores_get_a_hint(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.2, 3.0, 2.0))  # training + 2 busy neighbours
+    hint = _shared_cores_hint()
+    assert hint.startswith("note: load average 4.2 on 2 cores") and "OMP_WAIT_POLICY=PASSIVE" in hint
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.1, 2.0, 2.0))  # training alone
+    assert _shared_cores_hint() is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.2, 3.0, 2.0))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # threads already sleep when idle
+    assert _shared_cores_hint() is None
+
+
+@pytest.fixture
+def file_size_limit():
+    """Writes past 64 KB fail with EFBIG, as on a full disk, for this process only."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    signal.signal(signal.SIGXFSZ, handler)
+
+
+def test_a_full_disk_while_saving_is_named(synthetic_shards, tmp_path, monkeypatch, file_size_limit):
+    # the disk looks full: 10 kB free, and the 64 KB write limit makes torch.save fail as it
+    # does on a full disk ("[enforce fail at inline_container.cc:672] ...")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=10_000))
+    cfg = replace(TRAIN_CFG, max_steps=3, log_every=1, checkpoint_every=0)
+    with pytest.raises(DiskFullError) as failed:
+        train(synthetic_shards[0], VOCAB, cfg, tmp_path, log=lambda _: None)
+    message = str(failed.value)
+    assert message.startswith("disk full: model.pt (about 0.") and "\n" not in message
+    assert f"does not fit in {tmp_path}, which has 0.0 MB free" in message
+    assert isinstance(failed.value, OSError) and "inline_container" in str(failed.value.__cause__)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]  # no model.pt(.tmp)
+
+
+def test_a_failed_checkpoint_write_leaves_nothing(tmp_path, file_size_limit):
+    # the disk has room, the write fails anyway: the error names the file and the cause
+    state = {"model": {"w": torch.zeros(100_000)}, "step": 1}
+    with pytest.raises(OSError, match=rf"could not write {tmp_path / 'model.pt'} \(.* MB free there, "
+                                      rf"about 0\.4 MB needed\): RuntimeError: \[enforce fail") as failed:
+        _save(state, tmp_path / "model.pt")
+    assert not isinstance(failed.value, DiskFullError)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- evaluation helpers

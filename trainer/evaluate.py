@@ -22,12 +22,14 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from operator import methodcaller
 from pathlib import Path
-from typing import Iterable
+from typing import ClassVar, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zstandard
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from trainer.data import Shards
@@ -35,6 +37,22 @@ from trainer.generate import generate_texts
 from trainer.model import load_model
 
 # name -> a fresh streaming compressor (.compress(chunk), .flush()) at the CLI's setting
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
+class EvaluateConfig:
+    """The final model on a fixed val set, the curve over kept checkpoints, samples."""
+    batch_size: int = Field(16, ge=1, le=4096, description="val windows per forward pass")
+    max_tokens: int = Field(2_000_000, ge=0, description=(
+        "the first N val tokens (0 = all); the compressor anchors see the same bytes"))
+    samples: int = Field(3, ge=0, le=100, description="samples generated per prompt")
+    sample_tokens: int = Field(80, ge=1, le=4096, description="tokens per sample")
+    temperature: float = Field(0.8, ge=0, description="0 = greedy")
+    top_k: int = Field(50, ge=0, description="keep the k likeliest tokens; 0 = off")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling; 1 = off")
+    seed: int = Field(1234, ge=0)
+
+    UNVERSIONED: ClassVar[tuple[str, ...]] = ("batch_size",)
+
+
 COMPRESSORS = {
     "gzip -9": lambda: zlib.compressobj(9, zlib.DEFLATED, 31),  # wbits 31: gzip container
     "bzip2 -9": lambda: bz2.BZ2Compressor(9),
@@ -196,11 +214,8 @@ def compressor_sizes(chunks: Iterable[bytes]) -> tuple[int, dict[str, int]]:
     return n_bytes, sizes
 
 
-def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
-             batch_size: int = 16, max_tokens: int | None = None, samples: int = 3,
-             sample_tokens: int = 64, temperature: float = 0.8, top_k: int | None = 50,
-             top_p: float | None = None, seed: int = 1234, prompts=("",),
-             device: str = "cpu") -> dict:
+def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path,
+             cfg: EvaluateConfig | None = None, *, prompts=("",), device: str = "cpu") -> dict:
     """Metrics of a checkpoint on the val shards, as a JSON-serialisable dict.
 
     Everything is over the same val targets (see the module docstring): the model's
@@ -219,6 +234,8 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
     (13 MB of web text: 35 s and 31 s; gzip and bzip2 about 1 s); they run in parallel
     threads, and max_tokens bounds the bytes they see.
     """
+    cfg = cfg or EvaluateConfig()
+    max_tokens = cfg.max_tokens or None
     model, ckpt = load_model(checkpoint, device)
     shards = Shards(val_shards)
     block_size = model.config.block_size
@@ -227,7 +244,7 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
         raise ValueError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but {checkpoint} "
                          f"was trained on {model.config.vocab_size}; pass the run's own tokenizer")
 
-    metrics = val_metrics(model, shards, batch_size, max_tokens)
+    metrics = val_metrics(model, shards, cfg.batch_size, max_tokens)
     n_tokens = metrics["tokens"]
 
     counts = np.zeros(model.config.vocab_size, dtype=np.int64)
@@ -246,10 +263,11 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path, *,
     compressors = {name: 8 * size / n_bytes for name, size in sizes.items()}
     unigram = unigram_entropy(counts)
 
-    if samples > 0 and prompts:
-        texts = generate_texts(model, tokenizer, list(prompts), n=samples,
-                               max_new_tokens=sample_tokens, temperature=temperature,
-                               top_k=top_k, top_p=top_p, seed=seed)
+    if cfg.samples > 0 and prompts:
+        texts = generate_texts(model, tokenizer, list(prompts), n=cfg.samples,
+                               max_new_tokens=cfg.sample_tokens, temperature=cfg.temperature,
+                               top_k=cfg.top_k or None, top_p=cfg.top_p if cfg.top_p < 1 else None,
+                               seed=cfg.seed)
     else:
         texts = []
     return {

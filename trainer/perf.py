@@ -1,5 +1,6 @@
-"""Model FLOPs utilisation (MFU): the share of the hardware's peak matmul rate that
-training turns into model arithmetic.
+"""What the hardware can do: the device and dtype to train in, and model FLOPs
+utilisation (MFU), the share of the hardware's peak matmul rate that training turns into
+model arithmetic.
 
     mfu = tokens_per_s * flops_per_token / peak_flops
 
@@ -12,7 +13,9 @@ and the thread count torch uses, so no table would be right.
 from __future__ import annotations
 
 import re
+import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -71,11 +74,19 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     return 6.0 * matmul_params + 12.0 * L * C * seq_len
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
-    """Model FLOPs utilisation: the achieved model FLOP/s over the peak FLOP/s."""
+PEAK_TOO_LOW = ("MFU not reported: training ran faster than the measured peak, so the peak "
+                "probe underestimated it")
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float | None:
+    """Model FLOPs utilisation: the achieved model FLOP/s over the peak FLOP/s.
+
+    None above 1: no run beats the hardware's peak, so the peak figure is wrong (a measured
+    probe that ran slow, e.g. while another process had the cores); see PEAK_TOO_LOW."""
     if peak <= 0:
         raise ValueError(f"peak FLOP/s must be positive, got {peak}")
-    return tokens_per_s * flops_per_token / peak
+    value = tokens_per_s * flops_per_token / peak
+    return value if value <= 1.0 else None
 
 
 def gpu_peak_flops(name: str, dtype: str) -> tuple[float, str] | None:
@@ -92,38 +103,53 @@ def gpu_peak_flops(name: str, dtype: str) -> tuple[float, str] | None:
     return None
 
 
-def measure_matmul_peak(device: torch.device, dtype: str, size: int | None = None,
-                        seconds: float = 0.3, repeats: int = 3) -> tuple[float, str]:
-    """Best-of-`repeats` FLOP/s of size^3 matmuls in `dtype` on `device` with torch's
-    current thread count, each repeat running about `seconds`; cached per process."""
+def measure_matmul_peak(device: torch.device, dtype: str, budget: float = 1.0,
+                        repeats: int = 5) -> tuple[float, str]:
+    """Median FLOP/s of `repeats` timings of square matmuls in `dtype` on `device` with
+    torch's current thread count, in about `budget` seconds all told; cached per process.
+
+    The size is picked by timing: it starts small (256 on a CPU) and doubles while the
+    repeats at the next size still fit in half the budget, up to 2048 (8192 on a GPU).
+    A fixed large size is no option: where a dtype has no native kernels (bf16 on an
+    AVX2-only CPU runs ~100x slower than fp32) one 2048^3 matmul takes minutes.
+    """
     device = torch.device(device)
     key = DTYPE_NAMES.get(dtype)
     if key is None:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPE_NAMES)}")
     threads = torch.get_num_threads()
-    size = size or (8192 if device.type == "cuda" else 2048)
-    cache_key = (device.type, key, threads, size)
+    cache_key = (device.type, key, threads)
     if cache_key in _measured:
         return _measured[cache_key]
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    a = torch.randn(size, size, device=device).to(TORCH_DTYPES[key])
-    b = torch.randn(size, size, device=device).to(TORCH_DTYPES[key])
-    torch.matmul(a, b)  # warm-up: kernel selection, oneDNN/cuBLAS init
-    sync()
-    best = 0.0
-    for _ in range(repeats):
+    size, largest = (1024, 8192) if device.type == "cuda" else (256, 2048)
+
+    def one_matmul(n: int) -> tuple[float, Callable[[], torch.Tensor]]:
+        a = torch.randn(n, n, device=device).to(TORCH_DTYPES[key])
+        b = torch.randn(n, n, device=device).to(TORCH_DTYPES[key])
+        fn = lambda: torch.matmul(a, b)  # noqa: E731
+        fn()  # warm-up: kernel selection, oneDNN/cuBLAS init
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0, fn
+
+    took, fn = one_matmul(size)
+    while size < largest and 8 * took * repeats <= budget / 2:  # 8x the work at twice the size
+        size *= 2
+        took, fn = one_matmul(size)
+    rates = []
+    for _ in range(repeats):  # each: as many matmuls as fit in its share, at least one
         n, t0 = 0, time.perf_counter()
-        while True:
-            torch.matmul(a, b)
-            n += 1
+        while not n or time.perf_counter() - t0 < budget / 2 / repeats:
+            fn()
             sync()
-            elapsed = time.perf_counter() - t0
-            if elapsed >= seconds:
-                break
-        best = max(best, 2.0 * size ** 3 * n / elapsed)
+            n += 1
+        rates.append(2.0 * size ** 3 * n / (time.perf_counter() - t0))
     where = f"{threads} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    result = (best, f"measured: {where} {key} matmul {size}^3")
+    result = (statistics.median(rates), f"measured: {where} {key} matmul {size}^3, median of {repeats}")
     _measured[cache_key] = result
     return result
 
@@ -147,3 +173,102 @@ def peak_flops(device: torch.device, dtype: str) -> tuple[float, str]:
             peak, label = found
             return peak, f"spec sheet: {label} {key} dense"
     return measure_matmul_peak(device, key)
+
+
+# -- device and dtype --------------------------------------------------------------
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+# auto picks bf16 on a CPU only when its matmuls beat fp32's by this factor. Measured by
+# cpu_bf16_speedup (256^3, one thread), at load 4.4 on 2 cores: 1.80-1.98x on a Zen 4 with
+# AVX512_BF16, 0.02-0.04x on an AVX2-only CPU (oneDNN limited to AVX2): the threshold sits
+# far from both, so the choice (part of the train version) is the same run to run.
+# At 128^3 the Zen 4 gave only 1.33x: too close to call, hence 256.
+BF16_MIN_SPEEDUP = 1.3
+BF16_PROBE_SIZE = 256  # the matmul scale of a small (128-512 wide) model
+_bf16_speedup: dict[str, float] = {}  # "cpu" -> measured bf16/fp32 speed ratio
+
+
+def resolve_device(requested: str) -> torch.device:
+    """torch.device for train.device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {requested!r}")
+    return torch.device(requested)
+
+
+def cpu_bf16_speedup() -> float:
+    """bf16 over fp32 speed of BF16_PROBE_SIZE^3 matmuls on one CPU thread: the ratio of
+    the median times of single matmuls, the two dtypes interleaved, 41 pairs or ~0.3 s.
+    Cached per process: the flow asks when it plans the run and again when it trains.
+
+    One thread and short single calls, because the cores may be shared: with 2 threads a
+    busy neighbour turns each small matmul into a wait for the descheduled partner thread
+    (both dtypes then time alike), and a timing window of several calls is often cut by a
+    preemption, which moved the ratio between 0.5x and 5x under load; single ~0.5 ms
+    calls are seldom cut, and the median skips those that are."""
+    if "cpu" not in _bf16_speedup:
+        n = BF16_PROBE_SIZE
+        a32, b32 = torch.randn(n, n), torch.randn(n, n)
+        a16, b16 = a32.bfloat16(), b32.bfloat16()
+
+        def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+            t0 = time.perf_counter()
+            torch.matmul(a, b)
+            return time.perf_counter() - t0
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            seconds(a32, b32), seconds(a16, b16)  # warm-up: oneDNN kernel creation
+            t32, t16, t0 = [], [], time.perf_counter()
+            while len(t32) < 5 or (len(t32) < 41 and time.perf_counter() - t0 < 0.3):
+                t32.append(seconds(a32, b32))
+                t16.append(seconds(a16, b16))
+        finally:
+            torch.set_num_threads(threads)
+        _bf16_speedup["cpu"] = statistics.median(t32) / statistics.median(t16)
+    return _bf16_speedup["cpu"]
+
+
+def resolve_dtype(device: torch.device, requested: str) -> tuple[str, str]:
+    """(float32 | bfloat16 | float16, a one-line reason) for train.dtype on `device`.
+
+    auto: bfloat16 where the device runs it natively (a CUDA GPU with bf16; a CPU whose
+    oneDNN has bf16 kernels and whose bf16 matmuls run BF16_MIN_SPEEDUP x fp32's speed),
+    else float32. bfloat16 on a CPU without native bf16 runs as asked; the reason is then
+    a warning with the measured speed ratio. bfloat16 on a GPU without it becomes float16
+    (with a grad scaler); float16 needs a GPU.
+    """
+    if requested not in DTYPE_CHOICES:
+        raise ValueError(f"train.dtype must be one of {', '.join(DTYPE_CHOICES)}, got {requested!r}")
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return (("bfloat16", "auto: this GPU has bf16") if native else
+                    ("float32", "auto: this GPU has no bf16"))
+        if requested == "bfloat16" and not native:
+            return "float16", "bfloat16 asked, but this GPU has none: float16 with a grad scaler instead"
+        return requested, "as configured"
+    if requested == "float16":
+        raise ValueError("train.dtype = 'float16' needs a CUDA GPU (it trains with a grad scaler); "
+                         "on the CPU use 'auto', 'bfloat16' or 'float32'")
+    if requested == "float32":
+        return "float32", "as configured"
+    capability = torch.backends.cpu.get_cpu_capability()
+    onednn_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if requested == "auto" and not onednn_bf16:
+        return "float32", (f"auto: this CPU has no native bf16 (oneDNN has no bf16 kernels; "
+                           f"{capability}), so bf16 was not timed")
+    ratio = cpu_bf16_speedup()
+    measured = f"bf16 matmuls ran at {ratio:.2f}x fp32's speed ({capability}, {BF16_PROBE_SIZE}^3)"
+    fast = onednn_bf16 and ratio >= BF16_MIN_SPEEDUP
+    if requested == "auto":
+        return ("bfloat16" if fast else "float32"), f"auto: {measured}"
+    if fast:
+        return "bfloat16", f"as configured; {measured}"
+    return "bfloat16", (f"warning: bfloat16 as configured, but this CPU has no native bf16: {measured}; "
+                        f"train.dtype = 'auto' would pick float32")

@@ -2,7 +2,8 @@
 
 One function, `train`, does the whole run: model (fresh, or fine-tuned from a model.pt),
 AdamW, a warmup + cosine or warmup-stable-decay learning rate, epochs of windows drawn
-without replacement, gradient accumulation and clipping, bf16/fp16 mixed precision,
+without replacement, gradient accumulation and clipping, bf16/fp16 mixed precision
+(dtype "auto": bf16 only where the hardware runs it natively, see perf.resolve_dtype),
 optional torch.compile, a metrics line every `log_every` steps (loss, tokens/s, MFU),
 checkpoints with a validation pass every `checkpoint_every` steps that resume exactly,
 and a final model.pt that loads with `torch.load(weights_only=True)`.
@@ -20,14 +21,18 @@ import json
 import math
 import os
 import random
+import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+import tomllib
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer import perf
@@ -38,38 +43,58 @@ FINAL_LOSS_LOGS = 5  # final_loss averages this many of the last logged losses
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast dtype
 
 
-@dataclass
+@dataclass(config=ConfigDict(strict=True, extra="forbid", validate_assignment=True))
 class TrainConfig:
+    """The model, its optimisation, and the checkpoints that are scored on the val set."""
     # model (a fine-tune takes its shape from the parent checkpoint instead)
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
+    n_layer: int = Field(4, ge=1, le=256)
+    n_head: int = Field(4, ge=1, le=256)
+    n_embd: int = Field(256, ge=1, le=65536, description="width; a multiple of n_head")
+    block_size: int = Field(256, ge=1, le=1 << 20, description="context length in tokens")
+    dropout: float = Field(0.0, ge=0, lt=1)
     # optimisation
-    batch_size: int = 16  # windows per micro-step per process
-    grad_accum_steps: int = 1  # micro-steps per optimizer step
-    max_steps: int = 1000
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warmup, stable, decay)
-    decay_frac: float = 0.2  # wsd: share of max_steps spent decaying to min_lr
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
-    # runtime
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda
-    dtype: str = "bfloat16"  # float32 | bfloat16 | float16 (CUDA only); weights stay float32
-    compile: bool = False  # torch.compile; falls back to eager if it fails
-    seed: int = 1337
-    log_every: int = 10
-    threads: int = 0  # CPU threads per process; 0 = all cores (shared between DDP ranks)
+    batch_size: int = Field(16, ge=1, le=1 << 16, description="windows per micro-step per process")
+    grad_accum_steps: int = Field(1, ge=1, le=1 << 16, description="micro-steps per optimizer step")
+    max_steps: int = Field(2000, ge=1, description="optimizer steps")
+    learning_rate: float = Field(1e-3, gt=0, le=1)
+    min_lr: float = Field(1e-4, ge=0, le=1, description="where the schedule ends; at most learning_rate")
+    warmup_steps: int = Field(100, ge=0)
+    schedule: Literal["cosine", "wsd"] = Field("cosine", description=(
+        "wsd: warmup, stable, then 1-sqrt decay over decay_frac"))
+    decay_frac: float = Field(0.2, ge=0, le=1, description="wsd: the share of steps spent decaying to min_lr")
+    weight_decay: float = Field(0.1, ge=0, description="on Linear weight matrices only")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 = off")
+    # runtime: the device and dtype that really run go into the train version
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when present")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "auto = bfloat16 where the device runs it natively, else float32; weights stay float32; "
+        "float16 is for CUDA without bf16 (grad scaler)"))
+    compile: bool = Field(False, description=(
+        "torch.compile, eager fallback if it fails; a one-off cost (~80 s cold on 2 cores)"))
+    seed: int = Field(1337, ge=0)
+    log_every: int = Field(50, ge=1, description="steps between metrics lines")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per process; 0 = all cores")
     # checkpoints and validation
-    checkpoint_every: int = 500  # steps; 0 = only the final model.pt
-    keep_last: int = 3  # step checkpoints kept in out_dir/checkpoints
-    eval_tokens: int = 65536  # val tokens scored at each checkpoint; 0 = the whole val set
+    checkpoint_every: int = Field(500, ge=0, description=(
+        "steps between checkpoints, each scored on the val set; 0 = final only"))
+    keep_last: int = Field(3, ge=1, description="checkpoints kept besides best.pt and model.pt")
+    eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each checkpoint; 0 = all")
+    init_from: str = Field("", description=(
+        "fine-tune: a train version (or prefix) or a train artifact folder"))
+
+    # device and dtype as resolved on this machine, and the parent model, are in the
+    # train stage's identity instead
+    UNVERSIONED: ClassVar[tuple[str, ...]] = ("device", "dtype", "log_every", "threads", "init_from")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        if self.min_lr > self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate})")
+        return self
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -119,31 +144,50 @@ def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
                              betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def _setup(cfg: TrainConfig, log: Callable[[str], None]) -> tuple[torch.device, str, int, int]:
-    """Device, compute dtype, rank and world size; joins the process group under torchrun."""
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {cfg.dtype!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device = 'cuda' but torch sees no CUDA GPU; use device = 'auto' or 'cpu'")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    dtype = cfg.dtype
-    if dtype == "float16" and not use_cuda:
-        raise ValueError("dtype = 'float16' needs a CUDA GPU (it trains with a GradScaler); "
-                         "on the CPU use 'bfloat16' or 'float32'")
-    if dtype == "bfloat16" and use_cuda and not torch.cuda.is_bf16_supported():
-        log("this GPU has no bfloat16: training in float16 with a GradScaler instead")
-        dtype = "float16"
+def _setup(cfg: TrainConfig) -> tuple[torch.device, str, str, int, int]:
+    """Device, compute dtype and why, rank and world size; joins the process group under
+    torchrun and sets the CPU threads (before the dtype probe, which times matmuls)."""
+    device = perf.resolve_device(cfg.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if world > 1 and not dist.is_initialized():  # started by torchrun
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cpu":  # the cores this process may use (container limits), split between ranks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(cfg.threads or max(1, cores // world))
+    else:
+        device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(local_rank)
-        if dtype != "float32":  # the float32 parts of a mixed run (attention) may use tf32
-            torch.set_float32_matmul_precision("high")
-    return torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"), dtype, rank, world
+    dtype, reason = perf.resolve_dtype(device, cfg.dtype)
+    if world > 1:  # rank 0's probe decides for all: the ranks must train alike
+        choice = [dtype, reason]
+        dist.broadcast_object_list(choice, src=0)
+        dtype, reason = choice
+    if device.type == "cuda" and dtype != "float32":  # the float32 parts of a mixed run (attention) may use tf32
+        torch.set_float32_matmul_precision("high")
+    return device, dtype, reason, rank, world
+
+
+def _shared_cores_hint() -> str | None:
+    """A note when other processes keep these cores busy and OpenMP threads spin.
+
+    Spinning is libgomp's default and the fastest on cores of our own; with a busy
+    neighbour each thread keeps waiting for a descheduled partner. Measured on the demo
+    model, 2 cores, one busy neighbour: spinning 3-4x slower than on idle cores,
+    OMP_WAIT_POLICY=PASSIVE (read when torch loads, so it must be in the environment) or
+    one thread 1.5-2x; under heavier load spinning was 10x slower. PASSIVE costs 10-18% on
+    idle cores, so it stays the user's choice."""
+    threads = torch.get_num_threads()
+    if threads < 2 or os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" \
+            or not hasattr(os, "getloadavg"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    if load < cores + 1:  # training itself keeps about `threads` runnable
+        return None
+    return (f"note: load average {load:.1f} on {cores} cores: other processes share them, and "
+            f"{threads} spinning OpenMP threads then train several times slower; start the run "
+            f"with OMP_WAIT_POLICY=PASSIVE in the environment, or set train.threads = 1")
 
 
 def _rng_state() -> dict:
@@ -163,10 +207,53 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class DiskFullError(OSError):
+    """A checkpoint did not fit on its disk."""
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) checkpoint, each storage once (tied weights share one)."""
+    seen: dict[int, int] = {}
+
+    def walk(x) -> None:
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(obj)
+    return sum(seen.values())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
 def _save(obj: dict, path: Path) -> None:
+    """torch.save through a temporary file and a rename: never a half-written checkpoint,
+    even when the write fails; a full disk is named as such instead of torch's
+    `[enforce fail at inline_container.cc]`."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if not isinstance(e, Exception):  # Ctrl-C: only the clean-up
+            raise
+        needed, free = _tensor_bytes(obj), shutil.disk_usage(path.parent).free
+        if free < needed:
+            raise DiskFullError(f"disk full: {path.name} (about {_mb(needed)}) does not fit in "
+                                f"{path.parent}, which has {_mb(free)} free; free some space there "
+                                f"and run again (training resumes from the last checkpoint)") from e
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise OSError(f"could not write {path} ({_mb(free)} free there, about {_mb(needed)} "
+                      f"needed): {type(e).__name__}: {first_line}") from e
 
 
 def _plot(records: list[dict], path: Path) -> None:
@@ -206,21 +293,14 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     stop_after: stop once this many steps are done, as if the process were killed then
     (no final evaluation, plot or model.pt); a later resume=True run picks it up.
     """
-    if cfg.max_steps < 1 or cfg.grad_accum_steps < 1:
-        raise ValueError(f"max_steps and grad_accum_steps must be at least 1, "
-                         f"got {cfg.max_steps} and {cfg.grad_accum_steps}")
-    if cfg.schedule not in ("cosine", "wsd"):
-        raise ValueError(f"schedule must be 'cosine' or 'wsd', got {cfg.schedule!r}")
-    device, dtype, rank, world = _setup(cfg, log)
+    device, dtype, dtype_reason, rank, world = _setup(cfg)
     if rank != 0:
         log = lambda _: None  # noqa: E731  only rank 0 speaks and writes
+    log(f"dtype {dtype}: {dtype_reason}")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if device.type == "cpu":  # the cores this process may use (container limits), split between ranks
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(cfg.threads or max(1, cores // world))
 
     saved = None
     found = sorted(ckpt_dir.glob("step_*.pt")) if resume else []
@@ -293,7 +373,8 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     log(f"model: {raw_model.num_params():,} parameters; data: {loader.shards.n_tokens:,} tokens in "
         f"{len(loader.shards)} shards, {loader.n_windows:,} windows; {cfg.max_steps} steps of "
         f"{tokens_per_step:,} tokens; {device}, {dtype}, {world} process(es), "
-        f"{torch.get_num_threads()} threads; peak {peak:.3g} FLOP/s ({peak_source})")
+        f"{torch.get_num_threads()} threads (OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
+        f"peak {peak:.3g} FLOP/s ({peak_source})")
 
     def micro_steps() -> torch.Tensor:
         step_loss = torch.zeros((), device=device)
@@ -331,6 +412,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                 "parent": str(init_from) if init_from else None}
 
     step_seconds: list[float] = []  # the first steps of this run: compile time
+    shared_hint = None
     compile_failed = False
     paused = 0.0  # seconds spent on validation and checkpoints, left out of tokens/s
     val_loss, done = None, start
@@ -391,9 +473,15 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
                 log(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {record['grad_norm']:.3f}"
-                    f" | {tokens_per_s:,.0f} tok/s | MFU {record['mfu'] or 0:.1%}")
+                    f" | {tokens_per_s:,.0f} tok/s | MFU "
+                    + (f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a (above the peak probe)"))
                 loss_sum, loss_n = torch.zeros((), device=device), 0
                 t_last_log, steps_since_log = now, 0
+                # once the 1-minute load average reflects training (not the stages before it)
+                if not shared_hint and device.type == "cpu" and now - t_start > 120:
+                    shared_hint = _shared_cores_hint()
+                    if shared_hint:
+                        log(shared_hint)
 
             if done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 t_pause = time.perf_counter()
@@ -439,6 +527,11 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         dist.barrier()  # no rank leaves before rank 0 has written the files
     train_records = [r for r in records if "loss" in r]
     last = train_records[-FINAL_LOSS_LOGS:]
+    run_mfu = perf.mfu(tokens_per_s, flops_per_token, peak) if rank == 0 else None
+    mfu_note = perf.PEAK_TOO_LOW if rank == 0 and run_mfu is None else None
+    if mfu_note:
+        log(f"{mfu_note} ({peak_source}: {peak:.3g} FLOP/s, "
+            f"training {tokens_per_s * flops_per_token:.3g} FLOP/s)")
     return {
         "steps": done,
         "tokens_seen": tokens_seen,
@@ -447,8 +540,11 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         "tokens_per_s": tokens_per_s,
         "seconds": t_end - t_start,
         "n_params": raw_model.num_params(),
-        "mfu": perf.mfu(tokens_per_s, flops_per_token, peak) if rank == 0 else None,
+        "mfu": run_mfu,
+        "mfu_note": mfu_note,
         "peak_flops_source": peak_source,
+        "dtype": dtype,
+        "dtype_reason": dtype_reason,
         "compile_seconds": compile_seconds,
         "val_loss": val_loss,
         "best_val_loss": best_val_loss,
@@ -476,17 +572,21 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"no files match {pattern!r}")
         return paths
 
-    defaults = asdict(TrainConfig())
     values = {}
     for item in args.set:
-        key, _, value = item.partition("=")
-        if key not in defaults:
-            p.error(f"--set {item}: TrainConfig has no field {key!r}; fields: {', '.join(defaults)}")
-        kind = type(defaults[key])
-        if kind is bool and value.lower() not in ("true", "false"):
-            p.error(f"--set {item}: {key} is true or false")
-        values[key] = value.lower() == "true" if kind is bool else kind(value)
-    result = train(shards(args.shards), args.vocab_size, TrainConfig(**values), args.out,
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--set {item}: should look like KEY=VALUE")
+        try:  # TOML values: 10, 2e-3, true, "text" (text needs no quotes)
+            values[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            values[key] = value
+    try:
+        cfg = TrainConfig(**values)
+    except ValidationError as exc:
+        p.error("; ".join(f"--set {'.'.join(map(str, e['loc'])) or '(together)'}: "
+                          + e["msg"].removeprefix("Value error, ") for e in exc.errors()))
+    result = train(shards(args.shards), args.vocab_size, cfg, args.out,
                    val_shards=shards(args.val_shards) if args.val_shards else None,
                    val_tokens_per_byte=args.val_tokens_per_byte, init_from=args.init_from,
                    resume=args.resume)
