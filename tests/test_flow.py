@@ -20,8 +20,8 @@ def first_run(prefect_harness, tiny_corpus, tmp_path_factory):
 
     artifacts = tmp_path_factory.mktemp("run") / "artifacts"
     overrides = tiny_overrides(tiny_corpus, artifacts)
-    versions = corpus_to_model(config="configs/demo.toml", overrides=overrides)
-    return ArtifactStore(artifacts), overrides, versions
+    state = corpus_to_model(config="configs/demo.toml", overrides=overrides, return_state=True)
+    return ArtifactStore(artifacts), overrides, state.result(), state.state_details.flow_run_id
 
 
 def rows(path) -> int:
@@ -29,7 +29,7 @@ def rows(path) -> int:
 
 
 def test_every_stage_leaves_a_complete_artifact(first_run):
-    store, _, versions = first_run
+    store, _, versions, _ = first_run
     assert list(versions) == ORDER
     for stage, version in versions.items():
         folder = store.path(stage, version)
@@ -45,7 +45,7 @@ def test_every_stage_leaves_a_complete_artifact(first_run):
 
 
 def test_documents_are_conserved_stage_by_stage(first_run):
-    store, _, versions = first_run
+    store, _, versions, _ = first_run
     source = store.manifest("source", versions["source"])["stats"]
     assert source["docs"] == 29
     previous_out = source["docs"]
@@ -61,7 +61,7 @@ def test_documents_are_conserved_stage_by_stage(first_run):
 
 
 def test_each_problem_document_is_rejected_for_its_reason(first_run):
-    store, _, versions = first_run
+    store, _, versions, _ = first_run
 
     def rejected(stage):
         table = pq.read_table(store.path(stage, versions[stage]) / "rejected").to_pylist()
@@ -87,7 +87,7 @@ def test_each_problem_document_is_rejected_for_its_reason(first_run):
 
 
 def test_tokenizer_shards_model_and_metrics(first_run):
-    store, overrides, versions = first_run
+    store, overrides, versions, _ = first_run
     tok = Tokenizer.from_file(str(store.path("tokenizer", versions["tokenizer"]) / "tokenizer.json"))
     assert 256 < tok.get_vocab_size() <= overrides["tokenizer.vocab_size"]
     shard_dir = store.path("shard", versions["shard"])
@@ -106,12 +106,14 @@ def test_tokenizer_shards_model_and_metrics(first_run):
 
 def test_each_stage_publishes_its_report_to_prefect(first_run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter,
+                                                FlowRunFilterId)
 
-    _, _, versions = first_run
+    _, _, versions, flow_run_id = first_run
     keys = [f"{stage}-report" for stage in ORDER]
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    with get_client(sync_client=True) as client:  # other tests' runs publish the same keys
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+                                      flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     by_key = {a.key: a for a in found}
     assert set(by_key) == set(keys)
     assert "toxicity scorer: profanity-check" in by_key["filter-report"].data
@@ -137,7 +139,7 @@ def test_an_existing_dask_cluster_can_run_the_stages(prefect_harness, tiny_corpu
 def test_second_run_is_all_cache_hits(first_run):
     from flows.flow import corpus_to_model
 
-    store, overrides, versions = first_run
+    store, overrides, versions, _ = first_run
     before = {s: store.manifest(s, v)["finished"] for s, v in versions.items()}
     again = corpus_to_model(config="configs/demo.toml", overrides=overrides)
     assert again == versions
@@ -148,7 +150,7 @@ def test_second_run_is_all_cache_hits(first_run):
 def test_changing_training_config_rebuilds_only_train_and_evaluate(first_run):
     from flows.flow import corpus_to_model
 
-    store, overrides, versions = first_run
+    store, overrides, versions, _ = first_run
     changed = corpus_to_model(config="configs/demo.toml",
                               overrides={**overrides, "train.max_steps": 4})
     assert [s for s in ORDER if changed[s] != versions[s]] == ["train", "evaluate"]
@@ -185,7 +187,7 @@ def test_unselected_stage_without_artifact_is_a_clear_error(prefect_harness, tin
 def test_fine_tune_from_a_model_artifact_keeps_its_tokenizer(first_run):
     from flows.flow import corpus_to_model
 
-    store, overrides, versions = first_run
+    store, overrides, versions, _ = first_run
     tuned = corpus_to_model(config="configs/demo.toml", overrides={
         **overrides, "train.init_from": versions["train"][:10], "train.learning_rate": 3e-4,
         "train.schedule": "wsd"})
@@ -206,7 +208,7 @@ def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
     import trainer.train
     from flows.flow import corpus_to_model
 
-    store, overrides, versions = first_run
+    store, overrides, versions, _ = first_run
     longer = {**overrides, "train.max_steps": 8, "train.checkpoint_every": 2}
     real_train = trainer.train.train
 
@@ -242,7 +244,7 @@ def test_generate_and_export_commands_on_a_model_artifact(first_run, tmp_path):
     import subprocess
     import sys
 
-    store, _, versions = first_run
+    store, _, versions, _ = first_run
 
     def c2m(*args):
         return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],
