@@ -190,7 +190,7 @@ def test_fine_tune_from_a_model_artifact_keeps_its_tokenizer(first_run):
     store, overrides, versions, _ = first_run
     tuned = corpus_to_model(config="configs/demo.toml", overrides={
         **overrides, "train.init_from": versions["train"][:10], "train.learning_rate": 3e-4,
-        "train.schedule": "wsd"})
+        "train.min_lr": 3e-5, "train.schedule": "wsd"})
     assert all(tuned[s] == versions[s] for s in ORDER[:ORDER.index("tokenizer")])
     parent_tok = Tokenizer.from_file(str(store.path("tokenizer", versions["tokenizer"]) / "tokenizer.json"))
     tok = Tokenizer.from_file(str(store.path("tokenizer", tuned["tokenizer"]) / "tokenizer.json"))
