@@ -1,12 +1,12 @@
 """`c2m`: run the flow, manage the local server, inspect artifacts."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import importlib.metadata
 import json
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -70,13 +70,39 @@ def _run_flow(config: str, overrides: list[str], stages: list[str] | None, from_
     load_config(config, sets)  # a typo fails here, in one line, before any run starts
     select_stages(stages, from_stage)
     with server.for_run(log=lambda m: typer.echo(m, err=True)):
+        from flows import progress
         from flows.flow import corpus_to_model
 
         _console_without_tracebacks()
-        result = corpus_to_model(config=config, overrides=sets, stages=stages, from_stage=from_stage,
-                                 force=force, pins=_pairs(pins))
+        with progress.TerminalLine(console=progress.prefect_console()) as line:
+            progress.LISTENERS.append(line.show)
+            try:
+                state = corpus_to_model(config=config, overrides=sets, stages=stages,
+                                        from_stage=from_stage, force=force, pins=_pairs(pins),
+                                        return_state=True)
+            finally:
+                progress.LISTENERS.remove(line.show)
+        if not state.is_completed():
+            _name_failed_stage(state)
+        result = state.result()
     typer.echo(json.dumps(result, indent=2))
     return result
+
+
+def _name_failed_stage(state) -> None:
+    """Raise the failed flow run's error, noting which stage failed (from the server)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.progress import failed_stages
+
+    try:
+        state.result()
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # the error itself matters more than its stage
+            with get_client(sync_client=True) as client:
+                for stage, _ in failed_stages(client, state.state_details.flow_run_id):
+                    exc.add_note(f"in stage {stage}")
+        raise
 
 
 class _WithoutTraceback(logging.Formatter):
@@ -163,30 +189,15 @@ def status():
 def demo(root: str = ROOT_OPTION):
     """Serve the deployments and run corpus-to-model/demo end to end through the server."""
     server.start()
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    cmd = [prefect, "deployment", "run", "corpus-to-model/demo", "--watch"]
-    typer.echo("$ " + " ".join(["prefect", *cmd[1:]]))
-    env = {**os.environ, **server.prefect_env(), "PYTHONUNBUFFERED": "1"}  # lines as they come
-    run_id = None
-    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1) as proc:
-        try:
-            for line in proc.stdout:
-                typer.echo(line, nl=False)
-                run_id = run_id or next(iter(re.findall(r"UUID: ([0-9a-f-]{36})", line)), None)
-            code = proc.wait()
-        except KeyboardInterrupt:
-            # the run goes on in the serve process unless it is cancelled
-            if run_id:
-                typer.echo(f"\ncancelling flow run {run_id}", err=True)
-                subprocess.run([prefect, "flow-run", "cancel", run_id], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-            raise
-    if code != 0:
-        if server.tail("serve"):
+    typer.echo("$ prefect deployment run corpus-to-model/demo   (here through the Prefect client, "
+               "with the stages' progress below)")
+    failure = _run_deployment("corpus-to-model/demo")
+    if failure:
+        serve_log = server.STATE / "serve.log"
+        if failure.startswith("could not start") and server.tail("serve"):
             typer.echo(server.tail("serve", 20), err=True)
-        typer.echo(f"error: the demo run failed (`prefect deployment run` exited {code}); the last "
-                   f"lines of the serve log are above, all of it is in {server.STATE / 'serve.log'}",
-                   err=True)
+            failure += "; the last lines of the serve log are above"
+        typer.echo(f"error: the demo run failed: {failure}; the serve log is {serve_log}", err=True)
         raise typer.Exit(1)
     store = ArtifactStore(root)
     evaluate = store.path("evaluate", store.resolve("evaluate"))
@@ -204,6 +215,39 @@ def demo(root: str = ROOT_OPTION):
     typer.echo(f"report: {evaluate / 'report.md'}")
     typer.echo(f"model:  {model / 'model.pt'}")
     typer.echo(f"server: http://{server.HOST}:{server.PORT} (stop it with `c2m down`)")
+
+
+def _run_deployment(name: str) -> str | None:
+    """Run a deployment on the server, showing each stage's progress until the run ends.
+    Returns None when it completed, else what went wrong in one line. Ctrl-C cancels the
+    run (it would go on in the serve process otherwise)."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_UI_URL
+    from prefect.states import Cancelling
+
+    from flows import progress
+
+    with contextlib.ExitStack() as stack:
+        try:
+            client = stack.enter_context(get_client(sync_client=True))
+            run = client.create_flow_run_from_deployment(client.read_deployment_by_name(name).id)
+        except Exception as exc:  # noqa: BLE001  no server, no deployment, an API that is not Prefect's
+            return f"could not start {name}: {_describe(exc)}"
+        typer.echo(f"flow run {run.name}: {PREFECT_UI_URL.value()}/runs/flow-run/{run.id}")
+        try:
+            with progress.TerminalLine() as line:
+                final = progress.watch_flow_run(client, run.id, line)
+        except KeyboardInterrupt:
+            typer.echo(f"\ncancelling flow run {run.id}", err=True)
+            with contextlib.suppress(Exception):
+                client.set_flow_run_state(run.id, Cancelling(), force=True)
+            raise
+        if final.state.is_completed():
+            return None
+        failed = progress.failed_stages(client, run.id)
+        if failed:
+            return "; ".join(f"stage {stage}: {error}" for stage, error in failed)
+        return f"flow run {final.state.name}: {progress.one_line(final.state.message or '')}"
 
 
 MODEL_ARGUMENT = typer.Argument("", help="train version or prefix (default LATEST), or a train artifact folder")

@@ -2,8 +2,11 @@
 
 Each task is thin: run_stage computes the stage's content version, skips it on a cache
 hit, otherwise takes the version's lease (waiting while another run builds it, then
-using that), builds it into a temporary folder, writes manifest and report, renames it
-into place and publishes the report as a Prefect artifact.
+using that), builds it into a temporary folder, writes manifest and report, and renames it
+into place. Every stage the run uses publishes its report as a Prefect artifact, a cache
+hit too (with a note naming the run that built it), and a cache hit's task run ends in a
+state named "Cached" ("Pinned" for a pinned version) so built and reused stages differ at
+a glance. The flow ends by publishing one summary artifact, the table of stages.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import datetime as dt
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports transfor
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
+from prefect.states import Completed
+from prefect.utilities.annotations import quote
 
 from flows import parallel, report
 from flows.config import Config, load_config
+from flows.progress import StageProgress
 from flows.server import record_process
 from flows.stages import ORDER, STAGES, StageContext, select_stages
 from flows.store import ArtifactStore, content_version
+
+
+@dataclass(frozen=True)
+class Used:
+    """How this run used a stage, for the summary."""
+    got: str            # "built", "cached" or "pinned"
+    seconds: float      # spent on the stage in this run
+    report_id: str      # its report artifact in this run
 
 
 @dataclass(frozen=True)
@@ -34,6 +48,7 @@ class Ref:
     stage: str
     version: str
     path: Path
+    used: Used | None = None
 
 
 @dataclass
@@ -45,7 +60,11 @@ class Plan:
     pins: dict[str, str] = field(default_factory=dict)  # stage -> version to use as is
 
 
-def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
+SUMMARY_KEY = "corpus-to-model-summary"
+
+
+def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> tuple[Ref, str] | None:
+    """The stage's artifact and how this run got it: "built", "cached" or "pinned"."""
     log = get_run_logger()
     stage, store = STAGES[name], plan.store
     if ORDER.index(name) > max(ORDER.index(s) for s in plan.stages):
@@ -53,7 +72,7 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
     if name in plan.pins:
         version = store.resolve(name, plan.pins[name])
         log.info(f"{name}: pinned to {version}")
-        return Ref(name, version, store.path(name, version))
+        return Ref(name, version, store.path(name, version)), "pinned"
     sections = stage.config(plan.cfg)
     identity = stage.identity(plan.cfg)
     code_version = stage.code_version()
@@ -65,22 +84,28 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> Ref | None:
                 f"{name}: no artifact {name}/{version} for this config and its inputs, and this "
                 f"run does not build {name}; run it too, or pin a version (`c2m ls {name}`)")
         log.info(f"{name}: cache hit, using {name}/{version} (skipped)")
-        return _cache_hit(name, version, store, log)
+        return _cache_hit(name, version, store, log), "cached"
     # only the lease holder builds a version: a second run waits here, then uses it
     with store.lease(name, version, log=log.info, run=_flow_run_name()) as lease:
         if store.exists(name, version) and (lease.waited_for or not plan.force):
             log.info(f"{name}: cache hit, using {name}/{version} built by "
                      f"{lease.waited_for or 'another run'} (skipped)")
-            return _cache_hit(name, version, store, log)
+            return _cache_hit(name, version, store, log), "cached"
         if lease.waited_for:
             log.info(f"{name}: {lease.waited_for} stopped without finishing {name}/{version}")
-        return _build(name, plan, inputs, lease, sections, identity, code_version, log)
+        return _build(name, plan, inputs, lease, sections, identity, code_version, log), "built"
 
 
 def _flow_run_name() -> str | None:
     from prefect.runtime import flow_run
 
     return flow_run.name
+
+
+def _built_by() -> dict:
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": flow_run.id, "flow_run_name": flow_run.name}
 
 
 def _cache_hit(name: str, version: str, store: ArtifactStore, log) -> Ref:
@@ -103,7 +128,7 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
     try:
         ctx = StageContext(cfg=plan.cfg, inputs={k: r.path for k, r in inputs.items()},
                            manifests={k: store.manifest(r.stage, r.version) for k, r in inputs.items()},
-                           out=tmp, log=log.info, work=work)
+                           out=tmp, log=log.info, work=work, progress=StageProgress(name))
         stats = stage.build(ctx)
         finished = time.time()
         manifest = {
@@ -112,7 +137,7 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
             "config": sections, "identity": identity,
             "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
             "finished": dt.datetime.fromtimestamp(finished, dt.UTC).isoformat(),
-            "duration_s": round(finished - started, 3), "stats": stats,
+            "duration_s": round(finished - started, 3), "stats": stats, "built_by": _built_by(),
         }
         markdown = report.render(manifest, tmp)
         (tmp / "report.md").write_text(markdown)
@@ -121,17 +146,64 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
     except BaseException:
         store.abort(tmp)  # nothing half-written is left where a later stage could read it
         raise
-    create_markdown_artifact(markdown=markdown, key=f"{name}-report",
-                             description=f"{name} {version}")
     log.info(f"{name}: wrote {path} in {finished - started:.1f} s")
     return Ref(name, version, path)
 
 
+def publish_report(ref: Ref, got: str, store: ArtifactStore) -> str:
+    """Publish the stage's report.md as its `<stage>-report` artifact, plots embedded (the
+    UI cannot load files beside it); a reused version's report opens with a note saying
+    so. Returns the artifact's id."""
+    markdown = report.for_prefect((ref.path / "report.md").read_text(), ref.path)
+    if got != "built":
+        markdown = report.cache_hit(store.manifest(ref.stage, ref.version), _flow_run_name()) \
+            + "\n" + markdown
+    artifact_id = create_markdown_artifact(
+        markdown=markdown, key=f"{ref.stage}-report",
+        description=f"{ref.stage} {ref.version}" + ("" if got == "built" else f" ({got})"))
+    return str(artifact_id)
+
+
 def _stage_task(name: str):
     @task(name=name, cache_policy=NONE, persist_result=False)
-    def stage_task(plan: Plan, **inputs: Ref) -> Ref | None:
-        return run_stage(name, plan, inputs)
+    def stage_task(plan: Plan, **inputs: Ref):
+        started = time.time()
+        outcome = run_stage(name, plan, inputs)
+        if outcome is None:
+            return None
+        ref, got = outcome
+        ref = replace(ref, used=Used(got, round(time.time() - started, 3),
+                                     publish_report(ref, got, plan.store)))
+        # a reused artifact's task run ends "Cached" (or "Pinned"), as Prefect's own cache hits do
+        return ref if got == "built" else Completed(name=got.capitalize(), data=ref)
     return stage_task
+
+
+def _use(stage_task, plan: Plan, **inputs: Ref | None) -> Ref | None:
+    """Run a stage's task and return its artifact. `quote` keeps Prefect from tracing the
+    plan to upstream tasks: a task's only dependencies in the run graph are its inputs."""
+    return stage_task(quote(plan), return_state=True, **inputs).result()
+
+
+def _ui_link(artifact_id: str) -> str | None:
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return f"{ui.rstrip('/')}/artifacts/artifact/{artifact_id}" if ui else None
+
+
+def publish_summary(refs: list[Ref], store: ArtifactStore) -> str:
+    """The run's table of stages, the first artifact a user opens. Returns its id."""
+    rows = []
+    for ref in refs:
+        manifest = store.manifest(ref.stage, ref.version)
+        rows.append({"stage": ref.stage, "version": ref.version, "status": ref.used.got,
+                     "duration_s": ref.used.seconds, "key": report.key_figure(manifest),
+                     "link": _ui_link(ref.used.report_id)})
+    summary_id = str(create_markdown_artifact(markdown=report.summary(rows), key=SUMMARY_KEY,
+                                              description="the stages of this run"))
+    get_run_logger().info(f"summary of this run: {_ui_link(summary_id) or SUMMARY_KEY}")
+    return summary_id
 
 
 source, extract, normalize, filter_, dedup, tokenizer, shard, train, evaluate = (
@@ -150,17 +222,19 @@ def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any]
     plan = Plan(cfg, ArtifactStore(cfg.run.artifacts), select_stages(stages, from_stage),
                 force, dict(pins or {}))
     try:
-        raw = source(plan)
-        extracted = extract(plan, source=raw)
-        normalized = normalize(plan, extract=extracted)
-        filtered = filter_(plan, normalize=normalized)
-        deduped = dedup(plan, filter=filtered)
-        tok = tokenizer(plan, dedup=deduped)
-        shards = shard(plan, dedup=deduped, tokenizer=tok)
+        raw = _use(source, plan)
+        extracted = _use(extract, plan, source=raw)
+        normalized = _use(normalize, plan, extract=extracted)
+        filtered = _use(filter_, plan, normalize=normalized)
+        deduped = _use(dedup, plan, filter=filtered)
+        tok = _use(tokenizer, plan, dedup=deduped)
+        shards = _use(shard, plan, dedup=deduped, tokenizer=tok)
         parallel.shutdown()  # training runs alone on its cores
-        model = train(plan, shard=shards)
-        scores = evaluate(plan, train=model, shard=shards, tokenizer=tok)
+        model = _use(train, plan, shard=shards)
+        scores = _use(evaluate, plan, train=model, shard=shards, tokenizer=tok)
     finally:
         parallel.shutdown()
-    refs = (raw, extracted, normalized, filtered, deduped, tok, shards, model, scores)
-    return {r.stage: r.version for r in refs if r is not None}
+    refs = [r for r in (raw, extracted, normalized, filtered, deduped, tok, shards, model, scores)
+            if r is not None]
+    publish_summary(refs, plan.store)
+    return {r.stage: r.version for r in refs}

@@ -6,6 +6,7 @@ cluster instead (its workers must have this project installed).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import uuid
 from functools import partial
@@ -58,9 +59,17 @@ def client(dask_cfg: DaskConfig):
                                    threads_per_worker=dask_cfg.threads_per_worker,
                                    memory_limit=dask_cfg.memory_limit,
                                    local_directory=str(scratch),
-                                   dashboard_address=None)
+                                   dashboard_address=":0")  # a free port: runs may overlap
             _client = Client(cluster)
+        print(_dashboard_line(_client))  # the flow logs prints: it shows in the run's log
     return _client
+
+
+def _dashboard_line(c) -> str:
+    # distributed quietly starts no dashboard when bokeh is missing, yet still names a link
+    if importlib.util.find_spec("bokeh") is None and c.cluster is not None:
+        return "Dask dashboard off: bokeh is not installed (pip install 'bokeh>=3.1')"
+    return f"Dask dashboard: {c.dashboard_link}"
 
 
 def _unless_cancelled(fn: Callable, event: str, item: Any, **kwargs: Any) -> Any:
@@ -71,14 +80,17 @@ def _unless_cancelled(fn: Callable, event: str, item: Any, **kwargs: Any) -> Any
     return fn(item, **kwargs)
 
 
-def map_partitions(dask_cfg: DaskConfig, fn: Callable, items: Iterable, **kwargs: Any) -> list:
+def map_partitions(dask_cfg: DaskConfig, fn: Callable, items: Iterable,
+                   on_progress: Callable[[dict], None] | None = None, **kwargs: Any) -> list:
     """fn(item, **kwargs) for every item on the cluster, results in item order.
+
+    on_progress gets {"unit": "partition", "done", "total"} each time one finishes.
 
     When one fails, the rest are cancelled, and the first error is raised only once none
     of them runs any more: the caller can then remove the stage's temporary folder
     without a straggler writing into it again. A running task cannot be interrupted, so
     the partitions already running finish; those not started yet skip their work."""
-    from dask.distributed import Event, wait
+    from dask.distributed import Event, as_completed, wait
     from dask.utils import funcname
 
     c = client(dask_cfg)
@@ -87,6 +99,11 @@ def map_partitions(dask_cfg: DaskConfig, fn: Callable, items: Iterable, **kwargs
     keys = [f"{funcname(fn)}-{run}-{i}" for i in range(len(items))]  # named after fn, not the guard
     futures = c.map(partial(_unless_cancelled, fn, event), items, key=keys, **kwargs)
     try:
+        for done, future in enumerate(as_completed(futures), 1):
+            if future.status == "error":
+                future.result()  # raises the partition's error
+            if on_progress:
+                on_progress({"unit": "partition", "done": done, "total": len(futures)})
         return c.gather(futures)
     except BaseException:
         # a lost scheduler runs nothing more; its error must not hide the stage's own

@@ -26,7 +26,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows.config import PROJECT_ROOT
+from flows.config import DEFAULTS, PROJECT_ROOT
 
 STATE = Path(os.environ.get("C2M_STATE", PROJECT_ROOT / ".c2m"))
 HOST = "127.0.0.1"
@@ -155,8 +155,48 @@ def _spawn_server(log) -> None:
     log(f"starting Prefect server at {API_URL} (log: {STATE / 'server.log'})")
 
 
-def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
-    """Start the server and the serve process unless they already run; idempotent.
+def served_configs() -> list[str]:
+    """The configs to serve as deployments: every configs/*.toml but the defaults."""
+    return [p.stem for p in sorted((PROJECT_ROOT / "configs").glob("*.toml")) if p != DEFAULTS]
+
+
+def _serving() -> list[str] | None:
+    """The configs the serve process serves (its command line names them), None if it is down."""
+    import psutil
+
+    pid = _pid("serve")
+    try:
+        command = [] if pid is None else psutil.Process(pid).cmdline()  # python -m flows.serve ...
+    except psutil.NoSuchProcess:
+        return None
+    return command[command.index("flows.serve") + 1:] if "flows.serve" in command else None
+
+
+def _restart_serve_if_configs_changed(wanted: list[str], log) -> None:
+    """A serve process keeps the deployments it started with: when configs were added or
+    removed since, restart it, unless it is running flow runs (a restart would kill them)."""
+    import psutil
+
+    serving = _serving()
+    if serving is None or serving == wanted:
+        return
+    change = ", ".join([f"configs/{n}.toml added" for n in wanted if n not in serving]
+                       + [f"configs/{n}.toml removed" for n in serving if n not in wanted])
+    try:
+        runs = psutil.Process(_pid("serve")).children()  # the runner runs each flow run in a child
+    except (psutil.NoSuchProcess, ValueError):
+        return  # it ended meanwhile: start() starts a new one
+    if runs:
+        log(f"not serving the change yet ({change}): the serve process is running {len(runs)} "
+            f"flow run(s); run `c2m up` again when they end to restart it")
+        return
+    log(f"{change}: restarting the serve process")
+    _stop("serve", log)
+
+
+def start(log=print) -> None:
+    """Start the server and the serve process unless they already run; idempotent, but a
+    serve process started before configs were added or removed is restarted to serve them.
     They stay up until `c2m down`, also when a `c2m run` had started the server."""
     with _lock():
         _refuse_foreign()
@@ -167,11 +207,14 @@ def start(deployments: tuple[str, ...] = ("demo",), log=print) -> None:
         OWNER.unlink(missing_ok=True)  # from now on it stays up until `c2m down`
     _wait(healthy, "server", 90)
     mark_crashed(log)
+    wanted = served_configs()
+    _restart_serve_if_configs_changed(wanted, log)
     if not _pid("serve"):
-        _spawn("serve", [sys.executable, "-m", "flows.serve"])
+        _spawn("serve", [sys.executable, "-m", "flows.serve", *wanted])
         log(f"serving deployments (log: {STATE / 'serve.log'})")
-    _wait(lambda: all(deployment_ready(d) for d in deployments), "serve", 90)
-    log(f"ready: UI at http://{HOST}:{PORT}, deployments {', '.join(deployments)}")
+    serving = _serving() or wanted  # a serve process that died: _wait says so
+    _wait(lambda: all(deployment_ready(d) for d in serving), "serve", 90)
+    log(f"ready: UI at http://{HOST}:{PORT}, deployments {', '.join(serving)}")
 
 
 @contextlib.contextmanager

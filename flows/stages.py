@@ -39,6 +39,8 @@ class StageContext:
     # scratch that survives a failed or killed run of this stage version (train's
     # checkpoints), so re-running it resumes; removed once the artifact is complete
     work: Path | None = None
+    # gets {"unit", "done", "total", ...} as the stage goes (flows.progress.StageProgress)
+    progress: Callable[[dict], None] = lambda info: None  # noqa: E731
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ def partitions(folder: Path) -> list[Path]:
 def _map_docs(ctx: StageContext, input_stage: str, step, **step_cfg) -> dict:
     parts = partitions(ctx.inputs[input_stage])
     results = map_partitions(ctx.cfg.dask, partial(process_partition, step), parts,
-                             out_dir=ctx.out, **step_cfg)
+                             on_progress=ctx.progress, out_dir=ctx.out, **step_cfg)
     return merge_stats(results)
 
 
@@ -153,19 +155,21 @@ def build_filter(ctx: StageContext) -> dict:
 def build_dedup(ctx: StageContext) -> dict:
     d, dask_cfg = ctx.cfg.dedup, ctx.cfg.dask
     parts = partitions(ctx.inputs["filter"])
-    hashes = map_partitions(dask_cfg, dedup.partition_hashes, parts)
+    hashes = map_partitions(dask_cfg, dedup.partition_hashes, parts, on_progress=ctx.progress)
     part_ids = [[id_ for id_, _ in part] for part in hashes]
     exact = dedup.exact_duplicates(pair for part in hashes for pair in part)
     near: dict[str, tuple[str, float]] = {}
     if d.near:
         near_cfg = asdict(d)
-        signatures = map_partitions(dask_cfg, partial(dedup.partition_signatures, **near_cfg), parts)
+        signatures = map_partitions(dask_cfg, partial(dedup.partition_signatures, **near_cfg), parts,
+                                    on_progress=ctx.progress)
         near = dedup.near_duplicate_map(signatures, **near_cfg)
     # a copy of a document that is itself a near duplicate points at the one kept
     exact = {id_: near[kept][0] if kept in near else kept for id_, kept in exact.items()}
     shares = zip(parts, dedup.split_by_partition(exact, part_ids),
                  dedup.split_by_partition(near, part_ids))
-    return merge_stats(map_partitions(dask_cfg, _dedup_partition, list(shares), out_dir=ctx.out))
+    return merge_stats(map_partitions(dask_cfg, _dedup_partition, list(shares),
+                                      on_progress=ctx.progress, out_dir=ctx.out))
 
 
 def _dedup_partition(item: tuple[Path, dict, dict], out_dir: Path) -> dict:
@@ -264,7 +268,8 @@ def build_train(ctx: StageContext) -> dict:
                   ctx.cfg.train, ctx.work, log=ctx.log,
                   val_shards=sorted(shard_dir.glob("val_*.bin")),
                   val_tokens_per_byte=val["tokens"] / val["bytes"],
-                  init_from=parent["model"] if parent else None, resume=True)
+                  init_from=parent["model"] if parent else None, resume=True,
+                  on_progress=ctx.progress)
     for item in ctx.work.iterdir():
         item.rename(ctx.out / item.name)
     if parent:

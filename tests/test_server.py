@@ -8,7 +8,7 @@ import subprocess
 import urllib.request
 
 from conftest import C2M, alive, free_port
-
+from flows.config import PROJECT_ROOT
 
 
 def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_path):
@@ -20,6 +20,7 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
     def c2m(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([C2M, *args], env=env, capture_output=True, text=True, timeout=180)
 
+    added = PROJECT_ROOT / "configs" / f"test-added-{os.getpid()}.toml"
     try:
         assert c2m("up").returncode == 0
         status = json.loads(c2m("status").stdout)
@@ -48,7 +49,21 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
         other = subprocess.run([C2M, "up"], capture_output=True, text=True, timeout=60,
                                env={**env, "C2M_STATE": str(tmp_path / "other-state")})
         assert other.returncode == 1 and "did not start" in other.stderr and "C2M_PORT" in other.stderr
+        # a config added while it runs: the next `c2m up` serves it, no `down` needed
+        added.write_text((PROJECT_ROOT / "configs" / "demo.toml").read_text())
+        up = c2m("up")
+        assert up.returncode == 0, up.stderr
+        assert f"configs/{added.name} added: restarting the serve process" in up.stdout + up.stderr
+        url = f"http://127.0.0.1:{port}/api/deployments/name/corpus-to-model/{added.stem}"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            assert json.load(r)["parameters"]["config"] == f"configs/{added.name}"
+        serve_pid = json.loads(c2m("status").stdout)["serve_pid"]
+        assert serve_pid not in (None, pids[1])
+        again = c2m("up")  # nothing changed: nothing restarted
+        assert "restarting" not in again.stdout + again.stderr
+        pids[1] = serve_pid
     finally:
+        added.unlink(missing_ok=True)
         down = c2m("down")
     assert down.returncode == 0
     assert not any(alive(p) for p in pids)

@@ -313,6 +313,7 @@ def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | 
     # The object API with an Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
@@ -328,6 +329,7 @@ def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | 
     bpb_ax.legend(fontsize="small")
     for ax in (loss_ax, bpb_ax):
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)

@@ -39,7 +39,7 @@ from trainer import perf
 from trainer.data import EpochLoader, Shards
 from trainer.model import GPT, GPTConfig, load_model
 
-FINAL_LOSS_LOGS = 5  # final_loss averages this many of the last logged losses
+FINAL_LOSS_LOGS = 5  # final_loss averages this many of the last logged losses (step 0's never)
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast dtype
 
 
@@ -280,10 +280,20 @@ def _plot(records: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _progress(done: int, start: int, total: int, loss: float, tokens_per_s: float,
+              elapsed_s: float) -> dict:
+    """What on_progress gets; the ETA extrapolates this run's pace (resumed steps excluded)."""
+    ran = done - start
+    eta_s = elapsed_s / ran * (total - done) if ran else None
+    return {"unit": "step", "done": done, "total": total, "loss": loss,
+            "tokens_per_s": tokens_per_s, "elapsed_s": elapsed_s, "eta_s": eta_s}
+
+
 def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: Path,
           log: Callable[[str], None] = print, *, val_shards: list[Path] | None = None,
           val_tokens_per_byte: float | None = None, init_from: Path | None = None,
-          resume: bool = False, stop_after: int | None = None) -> dict:
+          resume: bool = False, stop_after: int | None = None,
+          on_progress: Callable[[dict], None] | None = None) -> dict:
     """Train; write metrics.jsonl, loss.png, checkpoints/, best.pt and model.pt into out_dir.
 
     val_shards: scored (first cfg.eval_tokens tokens) at every checkpoint and at the end;
@@ -292,10 +302,14 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     and schedule. resume: continue from the newest out_dir/checkpoints/step_*.pt, if any.
     stop_after: stop once this many steps are done, as if the process were killed then
     (no final evaluation, plot or model.pt); a later resume=True run picks it up.
+    on_progress: called (rank 0 only) at every metrics line and once at the end with
+    {"unit": "step", "done", "total" (max_steps), "loss", "tokens_per_s", "elapsed_s",
+    "eta_s"}; the last call has done == total and eta_s == 0 unless stopped early.
     """
     device, dtype, dtype_reason, rank, world = _setup(cfg)
     if rank != 0:
         log = lambda _: None  # noqa: E731  only rank 0 speaks and writes
+        on_progress = None
     log(f"dtype {dtype}: {dtype_reason}")
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -482,6 +496,8 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                     shared_hint = _shared_cores_hint()
                     if shared_hint:
                         log(shared_hint)
+                if on_progress and done < cfg.max_steps:  # the last report comes after the final save
+                    on_progress(_progress(done, start, cfg.max_steps, loss, tokens_per_s, now - t_start))
 
             if done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 t_pause = time.perf_counter()
@@ -526,12 +542,16 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     if world > 1:
         dist.barrier()  # no rank leaves before rank 0 has written the files
     train_records = [r for r in records if "loss" in r]
-    last = train_records[-FINAL_LOSS_LOGS:]
+    # step 0's loss is the untrained model's (about ln vocab_size): it says nothing of the end
+    last = [r for r in train_records if r["step"] > 0][-FINAL_LOSS_LOGS:] or train_records[-1:]
     run_mfu = perf.mfu(tokens_per_s, flops_per_token, peak) if rank == 0 else None
     mfu_note = perf.PEAK_TOO_LOW if rank == 0 and run_mfu is None else None
     if mfu_note:
         log(f"{mfu_note} ({peak_source}: {peak:.3g} FLOP/s, "
             f"training {tokens_per_s * flops_per_token:.3g} FLOP/s)")
+    if on_progress and ran:
+        on_progress(_progress(done, start, cfg.max_steps, train_records[-1]["loss"] if train_records else None,
+                              tokens_per_s, t_end - t_start))
     return {
         "steps": done,
         "tokens_seen": tokens_seen,
