@@ -156,8 +156,8 @@ def publish_report(ref: Ref, got: str, store: ArtifactStore) -> str:
     so. Returns the artifact's id."""
     markdown = report.for_prefect((ref.path / "report.md").read_text(), ref.path)
     if got != "built":
-        markdown = report.cache_hit(store.manifest(ref.stage, ref.version), _flow_run_name()) \
-            + "\n" + markdown
+        markdown = report.cache_hit(store.manifest(ref.stage, ref.version), _flow_run_name(),
+                                    ref.path, got) + "\n" + markdown
     artifact_id = create_markdown_artifact(
         markdown=markdown, key=f"{ref.stage}-report",
         description=f"{ref.stage} {ref.version}" + ("" if got == "built" else f" ({got})"))

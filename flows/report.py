@@ -327,8 +327,9 @@ def key_figure(manifest: dict) -> str:
     return figure(manifest["stats"]) if figure else ""
 
 
-def cache_hit(manifest: dict, run_name: str | None) -> str:
-    """A short report for a stage this run used without building it."""
+def cache_hit(manifest: dict, run_name: str | None, folder: Path, got: str = "cached") -> str:
+    """A short report for a stage this run used without building it: found in the store
+    ("cached") or given by `--pin` ("pinned"); `folder` is the version's artifact folder."""
     stage, version = manifest["stage"], manifest["version"]
     builder = (manifest.get("built_by") or {}).get("flow_run_name")
     user = f"Run {escape(run_name)}" if run_name else "This run"
@@ -336,11 +337,12 @@ def cache_hit(manifest: dict, run_name: str | None) -> str:
     built = (f"- built by run {escape(builder)}" if builder else "- built") \
         + (f" on {when} UTC" if when else "") + f", in {_duration(manifest['duration_s'])}"
     return "\n".join([
-        f"# {stage} {version}: cache hit", "",
-        f"{user} used {stage}/{version} as stored, without building it.", "",
+        f"# {stage} {version}: {'pinned' if got == 'pinned' else 'cache hit'}", "",
+        f"{user} used {stage}/{version} as stored, without building it"
+        + (" (pinned)." if got == "pinned" else "."), "",
         built,
         f"- {escape(key_figure(manifest))}",
-        f"- full report: {code(f'artifacts/{stage}/{version}/report.md')}", ""])
+        f"- full report: below, and in {code(folder / 'report.md')}", ""])
 
 
 def summary(rows: list[dict]) -> str:

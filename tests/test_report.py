@@ -11,6 +11,7 @@ import copy
 import html
 import io
 import re
+from pathlib import Path
 
 import pytest
 from markdown_it import MarkdownIt
@@ -205,15 +206,16 @@ def test_for_prefect_embeds_the_plots_as_real_pngs(tmp_path):
 
 def test_a_cache_hit_names_what_was_used_and_who_built_it():
     built = {**manifest("filter"), "built_by": {"flow_run_name": "clever_fox", "flow_run_id": "x"}}
-    text = report.cache_hit(built, "quiet-otter")
+    text = report.cache_hit(built, "quiet-otter", Path("/data/artifacts/filter/1339b9ee0a23"))
     assert text.startswith("# filter 1339b9ee0a23: cache hit\n")
     lines = text.splitlines()
     assert len(lines) <= 8
     assert "quiet-otter" in text and "cache hit" in text and "filter/1339b9ee0a23" in text
     assert r"clever\_fox" in text and "2026-12-02 13:58" in text and "2.3 s" in text
     assert "183 of 202 docs kept" in text
-    assert "`artifacts/filter/1339b9ee0a23/report.md`" in text
-    unknown = report.cache_hit(manifest("train"), None)
+    assert "`/data/artifacts/filter/1339b9ee0a23/report.md`" in text
+    unknown = report.cache_hit(manifest("train"), None, Path("artifacts/train/93e448c5e96f"), "pinned")
+    assert unknown.startswith("# train 93e448c5e96f: pinned\n")
     assert "built by" not in unknown and "This run used train/93e448c5e96f" in unknown
     assert "1,100 steps, 14,523 tokens/s" in unknown
 
