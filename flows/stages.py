@@ -6,10 +6,12 @@ where the stage is per-document. It returns the stats that go into the manifest.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
 import json
+import textwrap
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -60,9 +62,23 @@ class Stage:
     def code_version(self) -> str:
         h = hashlib.sha256()
         for name in sorted(self.modules):
-            h.update(Path(importlib.import_module(name).__file__).read_bytes())
-        h.update(inspect.getsource(self.build).encode())
+            h.update(code_fingerprint(Path(importlib.import_module(name).__file__).read_text()).encode())
+        h.update(code_fingerprint(textwrap.dedent(inspect.getsource(self.build))).encode())
         return h.hexdigest()[:12]
+
+
+def code_fingerprint(source: str) -> str:
+    """What of Python source decides what it does: its syntax tree without docstrings.
+    Comments, docstrings, blank lines and formatting are not in it, so editing them
+    rebuilds nothing."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:]
+    return ast.dump(tree, annotate_fields=False, include_attributes=False)
 
 
 def partitions(folder: Path) -> list[Path]:
