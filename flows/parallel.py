@@ -6,7 +6,6 @@ cluster instead (its workers must have this project installed).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import uuid
 from functools import partial
@@ -61,15 +60,9 @@ def client(dask_cfg: DaskConfig):
                                    local_directory=str(scratch),
                                    dashboard_address=":0")  # a free port: runs may overlap
             _client = Client(cluster)
-        print(_dashboard_line(_client))  # the flow logs prints: it shows in the run's log
+        # the flow logs prints: it shows in the run's log (bokeh, a dependency, serves it)
+        print(f"Dask dashboard: {_client.dashboard_link}")
     return _client
-
-
-def _dashboard_line(c) -> str:
-    # distributed quietly starts no dashboard when bokeh is missing, yet still names a link
-    if importlib.util.find_spec("bokeh") is None and c.cluster is not None:
-        return "Dask dashboard off: bokeh is not installed (pip install 'bokeh>=3.1')"
-    return f"Dask dashboard: {c.dashboard_link}"
 
 
 def _unless_cancelled(fn: Callable, event: str, item: Any, **kwargs: Any) -> Any:

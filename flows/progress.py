@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Callable, TextIO
 
+from flows.report import duration
+
 MIN_INTERVAL_S = 1.0  # between artifact updates: each one costs the server a write
 
 # in-process watchers, called with (stage, percent, text) on every report
@@ -26,22 +28,15 @@ def percent(info: dict) -> float:
     return 100.0 * info["done"] / info["total"] if info["total"] else 100.0
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
-
 def describe(stage: str, info: dict) -> str:
-    """One line: `train: step 120/2000 · loss 4.210 · 3,812 tok/s · ETA 6m12s`."""
+    """One line: `train: step 120/2000 · loss 4.210 · 3,812 tok/s · ETA 6 min 12 s`."""
     parts = [f"{stage}: {info.get('unit', 'item')} {info['done']:,}/{info['total']:,}"]
     if info.get("loss") is not None:
         parts.append(f"loss {info['loss']:.3f}")
     if info.get("tokens_per_s"):
         parts.append(f"{info['tokens_per_s']:,.0f} tok/s")
     if info.get("eta_s") is not None:
-        parts.append(f"ETA {_duration(info['eta_s'])}")
+        parts.append(f"ETA {duration(info['eta_s'])}")
     return " · ".join(parts)
 
 
@@ -96,10 +91,6 @@ class StageProgress:
                                                         description=text)
         else:
             update_progress_artifact(self.artifact_id, progress=pct, description=text)
-
-
-def no_progress(info: dict) -> None:
-    """The default when nobody watches."""
 
 
 class TerminalLine:

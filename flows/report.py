@@ -57,7 +57,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.2f} MB"
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
     if seconds is None:
         return ""
     if seconds < 60:
@@ -242,7 +242,7 @@ def render(manifest: dict, out_dir: Path) -> str:
         lines += ["> **warnings**", ">", *(f"> - {note}" for note in notes), ""]
     lines += headline(manifest)
     inputs = ", ".join(f"{i['stage']}/{i['version']}" for i in manifest["inputs"].values()) or "none"
-    lines += ["", f"- inputs: {inputs}", f"- duration: {_duration(manifest['duration_s'])}",
+    lines += ["", f"- inputs: {inputs}", f"- duration: {duration(manifest['duration_s'])}",
               f"- code version: {manifest['code_version']}", ""]
     for section in DETAILS:
         lines += section(manifest["stats"], out_dir)
@@ -335,7 +335,7 @@ def cache_hit(manifest: dict, run_name: str | None, folder: Path, got: str = "ca
     user = f"Run {escape(run_name)}" if run_name else "This run"
     when = str(manifest.get("finished", "")).replace("T", " ")[:16]
     built = (f"- built by run {escape(builder)}" if builder else "- built") \
-        + (f" on {when} UTC" if when else "") + f", in {_duration(manifest['duration_s'])}"
+        + (f" on {when} UTC" if when else "") + f", in {duration(manifest['duration_s'])}"
     return "\n".join([
         f"# {stage} {version}: {'pinned' if got == 'pinned' else 'cache hit'}", "",
         f"{user} used {stage}/{version} as stored, without building it"
@@ -357,6 +357,6 @@ def summary(rows: list[dict]) -> str:
     for row in rows:
         link = f"[report]({row['link']})" if row.get("link") else ""
         cells = [escape(row["stage"]), escape(row["version"]), escape(row["status"]),
-                 _duration(row.get("duration_s")), escape(row.get("key") or "")]
+                 duration(row.get("duration_s")), escape(row.get("key") or "")]
         lines.append("| " + " | ".join(cells + [link]) + " |")
     return "\n".join(lines) + "\n"

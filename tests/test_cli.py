@@ -235,3 +235,19 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
     # the server the killed run had started belonged to runs only: the last one stopped it
     assert f"stopped server (pid {server_pid})" in text
     assert not alive(server_pid) and not answers(port) and not (state / "server.pid").exists()
+
+
+def test_sigterm_exits_143_after_the_same_clean_up(run_env, tmp_path):
+    port = int(run_env["C2M_PORT"])
+    err = tmp_path / "run.err"
+    proc = start_run(run_env, err, "--set", f"run.artifacts={tmp_path / 'artifacts'}")
+    try:
+        wait_for(err, r"source: building", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = err.read_text()
+    assert "Traceback" not in text and "stopped server" in text and not answers(port)
+    assert not list((tmp_path / "artifacts").glob("*/.tmp-*"))  # nothing half-written is left

@@ -132,8 +132,6 @@ def test_cpu_peak_probe_grows_to_a_large_size_where_matmuls_are_fast(monkeypatch
 def test_resolve_device():
     assert perf.resolve_device("cpu") == torch.device("cpu")
     assert perf.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(ValueError, match="train.device.*'gpu'"):
-        perf.resolve_device("gpu")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="train.device = 'cuda'.*no CUDA"):
             perf.resolve_device("cuda")
@@ -144,8 +142,6 @@ def test_resolve_dtype_on_this_cpu():
     assert perf.resolve_dtype(cpu, "float32") == ("float32", "as configured")
     with pytest.raises(ValueError, match="train.dtype = 'float16' needs a CUDA GPU"):
         perf.resolve_dtype(cpu, "float16")
-    with pytest.raises(ValueError, match="train.dtype must be one of auto, float32, bfloat16, float16, got 'bf16'"):
-        perf.resolve_dtype(cpu, "bf16")
     dtype, reason = perf.resolve_dtype(cpu, "auto")
     capability = torch.backends.cpu.get_cpu_capability()
     assert reason.startswith("auto: ") and capability in reason
