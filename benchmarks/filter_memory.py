@@ -34,7 +34,7 @@ def measure(copies: int, docs_per_partition: int) -> dict:
     texts = [t for p in sorted(GROUND_TRUTH.glob("*.json"))
              if (t := json.loads(p.read_text())["ground_truth"].get("main_content"))]
     work = Path(tempfile.mkdtemp(prefix="filter-memory-"))
-    folder = work / "normalize" / "docs"
+    folder = work / "holdout" / "docs"  # the filter stage reads the holdout stage's documents
     folder.mkdir(parents=True)
     batch, n_parts = [], 0
     for copy in range(copies):
@@ -72,7 +72,7 @@ def measure(copies: int, docs_per_partition: int) -> dict:
     sampler.start()
     out = work / "filter"
     out.mkdir()
-    ctx = StageContext(cfg=cfg, inputs={"normalize": work / "normalize"}, manifests={}, out=out,
+    ctx = StageContext(cfg=cfg, inputs={"holdout": work / "holdout"}, manifests={}, out=out,
                        log=lambda m: None)
     started = time.perf_counter()
     stats = STAGES["filter"].build(ctx)

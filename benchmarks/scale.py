@@ -32,7 +32,7 @@ import psutil  # noqa: E402  (a dask dependency)
 
 from flows import parallel  # noqa: E402
 from flows.config import load_config  # noqa: E402
-from flows.stages import ORDER, STAGES, StageContext, partitions  # noqa: E402
+from flows.stages import DOCUMENT_STAGES, ORDER, STAGES, StageContext, partitions  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "wcxb-dev"
 DATA_STAGES = ORDER[: ORDER.index("shard") + 1]
@@ -113,7 +113,7 @@ def run_stages(cfg, corpus: Path, work: Path, stages=DATA_STAGES) -> dict:
         if name in ("tokenizer", "shard"):  # these read the deduplicated text
             docs = figures["dedup"]["docs_out"]
             mb = figures["dedup"]["mb_out"]
-        cores = cfg.dask.workers if name in ("extract", "normalize", "filter", "dedup") else 1
+        cores = cfg.dask.workers if name in DOCUMENT_STAGES else 1
         figures[name] = {"seconds": round(seconds, 2), "docs": docs, "mb": round(mb, 1),
                          "docs_per_s": round(docs / seconds, 1), "mb_per_s": round(mb / seconds, 2),
                          "docs_per_s_per_core": round(docs / seconds / cores, 1),

@@ -41,10 +41,15 @@ def doc_id(source: str) -> str:
     return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
 
 
+def hash_bucket(id_: str) -> int:
+    """A document's place in [0, 2**64), from its id: the splits are ranges of it."""
+    return int.from_bytes(hashlib.sha256(id_.encode("utf-8")).digest()[:8], "big")
+
+
 def is_val(id_: str, val_fraction: float) -> bool:
-    """Deterministic train/val split by document id, the same in every stage."""
-    bucket = int.from_bytes(hashlib.sha256(id_.encode("utf-8")).digest()[:8], "big")
-    return bucket < val_fraction * 2**64
+    """Deterministic train/val split by document id, the same in every stage: the bottom
+    of the hash range (the eval set takes the top, see corpus.holdout)."""
+    return hash_bucket(id_) < val_fraction * 2**64
 
 
 def open_partition(path: str | Path) -> pq.ParquetFile:

@@ -2,7 +2,9 @@
 
 Each document is preceded by the end-of-text token, so documents are separated by it.
 Shards use the llm.c layout (trainer.data owns the format); every shard but the last of
-each split holds exactly `shard_tokens` tokens.
+each split holds exactly `shard_tokens` tokens. Beside them, index.sqlite maps each
+document id to its split, token offset and length, and each shard file to its token range
+(corpus.index).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pydantic.dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from corpus.documents import is_val
+from corpus.index import TokenIndexWriter
 from corpus.tokenizer import EOT
 from trainer.data import token_dtype, write_shard
 
@@ -74,24 +77,50 @@ class _SplitWriter:
 
 def write_token_shards(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, out_dir: Path, *,
                        shard_tokens: int, val_fraction: float) -> dict:
-    """`docs` streams (id, text). Returns per-split counts: docs, tokens, UTF-8 bytes, shards."""
+    """`docs` streams (id, text). Returns per-split counts: docs, tokens, UTF-8 bytes, shards,
+    and index_seconds, the time spent writing the index."""
     eot = tokenizer.token_to_id(EOT)
     if eot is None:
         raise ValueError(f"the tokenizer has no {EOT} token; retrain it with the tokenizer stage")
     dtype = token_dtype(tokenizer.get_vocab_size())
     writers = {split: _SplitWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
-    docs = iter(docs)
-    while batch := list(islice(docs, ENCODE_BATCH_DOCS)):
-        encodings = tokenizer.encode_batch([text for _, text in batch])
-        for (id_, text), enc in zip(batch, encodings):
-            split = "val" if is_val(id_, val_fraction) else "train"
-            writers[split].add([eot, *enc.ids], len(text.encode("utf-8")))
-    for w in writers.values():
-        w.close()
+    index = TokenIndexWriter(out_dir)
+    try:
+        docs = iter(docs)
+        while batch := list(islice(docs, ENCODE_BATCH_DOCS)):
+            encodings = tokenizer.encode_batch([text for _, text in batch])
+            for (id_, text), enc in zip(batch, encodings):
+                split = "val" if is_val(id_, val_fraction) else "train"
+                # the document's own tokens start after its end-of-text token
+                index.document(id_, split, writers[split].tokens + 1, len(enc.ids))
+                writers[split].add([eot, *enc.ids], len(text.encode("utf-8")))
+        for split, w in writers.items():
+            w.close()
+            for k, path in enumerate(w.paths):  # every shard but the last is full
+                index.shard(split, path.name, k * shard_tokens, min(shard_tokens, w.tokens - k * shard_tokens))
+        index_seconds = index.close()
+    except BaseException:
+        index.abort()
+        raise
     stats = {split: w.stats() for split, w in writers.items()}
     for split in ("train", "val"):
         if not stats[split]["tokens"]:
             raise ValueError(f"the {split} split is empty ({stats['train']['docs']} train, "
                              f"{stats['val']['docs']} val documents): use a larger corpus or "
                              f"change split.val_fraction ({val_fraction})")
-    return stats
+    return {**stats, "index_seconds": round(index_seconds, 3)}
+
+
+def write_document_tokens(docs: Iterable[tuple[str, str]], tokenizer: Tokenizer, out_dir: Path,
+                          split: str) -> dict:
+    """Every document of `docs` (id, text) into `<split>_NNNNNN.bin` shards of at most
+    2**31 - 1 tokens, each preceded by the end-of-text token, streamed: the eval set.
+    Returns docs, tokens, UTF-8 bytes, shards."""
+    eot = tokenizer.token_to_id(EOT)
+    writer = _SplitWriter(out_dir, split, 2**31 - 1, token_dtype(tokenizer.get_vocab_size()))
+    docs = iter(docs)
+    while batch := list(islice(docs, ENCODE_BATCH_DOCS)):
+        for (_, text), enc in zip(batch, tokenizer.encode_batch([text for _, text in batch])):
+            writer.add([eot, *enc.ids], len(text.encode("utf-8")))
+    writer.close()
+    return writer.stats()

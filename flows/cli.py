@@ -60,33 +60,50 @@ def _pairs(items: list[str]) -> dict[str, str]:
     return {key.strip(): value.strip() for key, _, value in (i.partition("=") for i in items)}
 
 
+def _overrides(items: list[str]) -> dict[str, str]:
+    sets = _pairs(items)
+    for key in ("source.path", "holdout.path"):  # relative to where the user typed it
+        if key in sets:
+            sets[key] = str(Path(sets[key]).resolve())
+    return sets
+
+
 def _run_flow(config: str, overrides: list[str], stages: list[str] | None, from_stage: str | None,
               force: bool, pins: list[str]) -> dict:
     from flows.stages import select_stages  # brings torch: not needed by the other commands
 
-    sets = _pairs(overrides)
-    if "source.path" in sets:  # relative to where the user typed it
-        sets["source.path"] = str(Path(sets["source.path"]).resolve())
+    sets = _overrides(overrides)
     load_config(config, sets)  # a typo fails here, in one line, before any run starts
     select_stages(stages, from_stage)
-    with server.for_run(log=lambda m: typer.echo(m, err=True)):
-        from flows import progress
+
+    def call():
         from flows.flow import corpus_to_model
+
+        return corpus_to_model(config=config, overrides=sets, stages=stages, from_stage=from_stage,
+                               force=force, pins=_pairs(pins), return_state=True)
+    result = _in_process(call)
+    typer.echo(json.dumps(result, indent=2))
+    return result
+
+
+def _in_process(call):
+    """Run a flow (`call` returns its final state) in this process against the project's
+    server (or one of its own), with the stages' progress on one terminal line; its
+    result, or its error with the failed stage named."""
+    with server.for_run(log=lambda m: typer.echo(m, err=True)):
+        import flows.flow  # noqa: F401  sets up Prefect's logging, which the next line adjusts
+        from flows import progress
 
         _console_without_tracebacks()
         with progress.TerminalLine(console=progress.prefect_console()) as line:
             progress.LISTENERS.append(line.show)
             try:
-                state = corpus_to_model(config=config, overrides=sets, stages=stages,
-                                        from_stage=from_stage, force=force, pins=_pairs(pins),
-                                        return_state=True)
+                state = call()
             finally:
                 progress.LISTENERS.remove(line.show)
         if not state.is_completed():
             _name_failed_stage(state)
-        result = state.result()
-    typer.echo(json.dumps(result, indent=2))
-    return result
+        return state.result()
 
 
 def _name_failed_stage(state) -> None:
@@ -146,6 +163,28 @@ def run(config: str = typer.Option("configs/demo.toml", help="TOML config (over 
     _run_flow(config, set_, stage or None, from_stage, force, pin)
 
 
+@app.command()
+def plan(config: str = typer.Option("configs/demo.toml", help="TOML config (over configs/defaults.toml)"),
+         set_: list[str] = typer.Option([], "--set", callback=_key_values, help="override, as for run"),
+         stage: list[str] = typer.Option([], help="build only these stages (repeatable)"),
+         from_stage: Optional[str] = typer.Option(None, "--from", help="build this stage and all after it"),
+         force: bool = typer.Option(False, help="rebuild the chosen stages even on a cache hit"),
+         pin: list[str] = typer.Option([], callback=_key_values, help="use STAGE=VERSION as is"),
+         json_: bool = typer.Option(False, "--json", help="print the plan as JSON")):
+    """What `c2m run` with the same options would do, and why; runs nothing, needs no server.
+
+    Per stage: its version and cached, build, pinned, missing or not run. A build says why,
+    against the stage's newest version in the store: config keys old -> new, code changed
+    by module, inputs this run builds anew, forced, or new."""
+    cfg = load_config(config, _overrides(set_))
+    from flows.plan import Plan, plan_run, render
+    from flows.stages import select_stages
+
+    steps = plan_run(Plan(cfg, ArtifactStore(cfg.run.artifacts), select_stages(stage or None, from_stage),
+                          force, _pairs(pin)))
+    typer.echo(json.dumps([s.to_dict() for s in steps], indent=2) if json_ else render(steps))
+
+
 @app.command("stage")
 def stage_(name: str = typer.Argument(..., help="the stage to re-run"),
            config: str = typer.Option("configs/demo.toml"),
@@ -154,6 +193,31 @@ def stage_(name: str = typer.Argument(..., help="the stage to re-run"),
            pin: list[str] = typer.Option([], callback=_key_values)):
     """Re-run one stage; its inputs come from the store (the server as for `c2m run`)."""
     _run_flow(config, set_, [name], None, force, pin)
+
+
+@app.command()
+def compare(configs: list[str] = typer.Argument(..., help="two or more config files, one per variant"),
+            seeds: int = typer.Option(2, help="training seeds per variant (2 or more for a verdict)"),
+            set_: list[str] = typer.Option([], "--set", callback=_key_values,
+                                           help="override for every variant, e.g. --set train.max_steps=300")):
+    """Train the same model on each data variant (once per seed) and compare their eval
+    bits per byte: a table, the curves overlaid, and a verdict (the `compare` artifact).
+
+    Stages two runs share are built once; the variants must train the same model shape on
+    the same token budget. Runs in this process, like `c2m run`."""
+    from flows.compare import check_comparable, variants_from
+
+    sets = _overrides(set_)
+    variants = variants_from(configs, base="")
+    check_comparable(variants, [v.load(sets) for v in variants], seeds)  # exit 2 before any run
+
+    def call():
+        from flows.compare import compare as compare_flow
+
+        return compare_flow(configs=configs, seeds=seeds, overrides=sets, return_state=True)
+    result = _in_process(call)
+    typer.echo("\n" + Path(result["report"]).read_text())
+    typer.echo(f"report: {result['report']}")
 
 
 @app.command("config")
@@ -212,6 +276,9 @@ def demo(root: str = ROOT_OPTION):
     anchors = ", ".join(f"{name} {bpb:.3f}" for name, bpb in metrics["compressors"].items())
     typer.echo(f"bits per byte {metrics['bits_per_byte']:.3f} (unigram {metrics['unigram_bits_per_byte']:.3f}; "
                f"{anchors})")
+    held = metrics["eval"]
+    typer.echo(f"eval set bits per byte {held['bits_per_byte']:.3f} ({held['docs']} documents held out "
+               f"before filtering: the figure `c2m compare` ranks data variants by)")
     typer.echo(f"report: {evaluate / 'report.md'}")
     typer.echo(f"model:  {model / 'model.pt'}")
     typer.echo(f"server: http://{server.HOST}:{server.PORT} (stop it with `c2m down`)")
@@ -345,6 +412,37 @@ def lineage(stage: str, version: Optional[str] = typer.Argument(None), root: str
     store = ArtifactStore(root)
     for s, v in store.lineage(stage, store.resolve(stage, version)):
         typer.echo(f"{s}/{v}  {store.path(s, v)}")
+
+
+@app.command()
+def why(doc: Optional[str] = typer.Argument(None, help="document id, or the source path or URL it was read from"),
+        sample: Optional[str] = typer.Option(None, "--sample", metavar="REASON",
+                                             help="instead: documents dropped for REASON, with the text the stage got"),
+        n: int = typer.Option(3, "--n", min=1, help="how many --sample shows"),
+        run_: Optional[str] = typer.Option(None, "--run", help="the versions a run used (flow run name or id)"),
+        pin: list[str] = typer.Option([], callback=_key_values,
+                                      help="STAGE=VERSION (repeatable); the other stages follow its lineage"),
+        json_: bool = typer.Option(False, "--json", help="print JSON"),
+        root: str = ROOT_OPTION):
+    """A document's path through a run: each stage's verdict (kept, dropped and why,
+    duplicate of which document), its length there, and the shard and token range of
+    its tokens. Or, with --sample REASON, a few documents dropped for that reason.
+
+    Versions: a run's (--run), or pins and their lineage, else the newest consistent ones."""
+    from flows import why as lineage_of  # pyarrow and sqlite: not needed by the other commands
+
+    if (doc is None) == (sample is None):
+        raise typer.BadParameter("give a DOC or --sample REASON, one of the two")
+    if run_ and pin:
+        raise typer.BadParameter("give --run or --pin, not both")
+    store = ArtifactStore(root)
+    versions = lineage_of.choose_versions(store, run_, _pairs(pin))
+    if sample is not None:
+        found = lineage_of.sample(store, sample, versions, n)
+        typer.echo(json.dumps(found, indent=2) if json_ else lineage_of.render_sample(found))
+    else:
+        verdicts = lineage_of.why(store, doc, versions)
+        typer.echo(json.dumps(verdicts, indent=2) if json_ else lineage_of.render(verdicts))
 
 
 

@@ -6,7 +6,8 @@ using that), builds it into a temporary folder, writes manifest and report, and 
 into place. Every stage the run uses publishes its report as a Prefect artifact, a cache
 hit too (with a note naming the run that built it), and a cache hit's task run ends in a
 state named "Cached" ("Pinned" for a pinned version) so built and reused stages differ at
-a glance. The flow ends by publishing one summary artifact, the table of stages.
+a glance. The flow starts by logging its plan (flows/plan.py: per stage cached, build or
+pinned, and why), and ends by publishing one summary artifact, the table of stages.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import datetime as dt
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +27,14 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed
 from prefect.utilities.annotations import quote
 
+from corpus.index import index_documents
 from flows import parallel, report
-from flows.config import Config, load_config
+from flows.config import load_config
+from flows.plan import Plan, Step, plan_run
 from flows.progress import StageProgress
 from flows.server import record_process
 from flows.stages import ORDER, STAGES, StageContext, select_stages
-from flows.store import ArtifactStore, content_version
+from flows.store import ArtifactStore
 
 
 @dataclass(frozen=True)
@@ -51,33 +54,20 @@ class Ref:
     used: Used | None = None
 
 
-@dataclass
-class Plan:
-    cfg: Config
-    store: ArtifactStore
-    stages: list[str]                                # the stages this run builds
-    force: bool = False                              # rebuild them even on a cache hit
-    pins: dict[str, str] = field(default_factory=dict)  # stage -> version to use as is
-
-
 SUMMARY_KEY = "corpus-to-model-summary"
 
 
 def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> tuple[Ref, str] | None:
     """The stage's artifact and how this run got it: "built", "cached" or "pinned"."""
     log = get_run_logger()
-    stage, store = STAGES[name], plan.store
-    if ORDER.index(name) > max(ORDER.index(s) for s in plan.stages):
-        return None  # downstream of everything this run builds: not part of it
+    store = plan.store
+    if not plan.part_of_run(name):
+        return None  # downstream of everything this run builds
     if name in plan.pins:
         version = store.resolve(name, plan.pins[name])
         log.info(f"{name}: pinned to {version}")
         return Ref(name, version, store.path(name, version)), "pinned"
-    sections = stage.config(plan.cfg)
-    identity = stage.identity(plan.cfg)
-    code_version = stage.code_version()
-    version = content_version(name, {**sections, **identity}, code_version,
-                              {k: r.version for k, r in inputs.items()})
+    version = plan.version(name, {k: r.version for k, r in inputs.items()})  # as plan_run computes it
     if name not in plan.stages or (store.exists(name, version) and not plan.force):
         if not store.exists(name, version):
             raise RuntimeError(
@@ -93,7 +83,8 @@ def run_stage(name: str, plan: Plan, inputs: dict[str, Ref]) -> tuple[Ref, str] 
             return _cache_hit(name, version, store, log), "cached"
         if lease.waited_for:
             log.info(f"{name}: {lease.waited_for} stopped without finishing {name}/{version}")
-        return _build(name, plan, inputs, lease, sections, identity, code_version, log), "built"
+        own = plan.own(name)
+        return _build(name, plan, inputs, lease, own.config, own.identity, own.code_version, log), "built"
 
 
 def _flow_run_name() -> str | None:
@@ -128,11 +119,16 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
     try:
         ctx = StageContext(cfg=plan.cfg, inputs={k: r.path for k, r in inputs.items()},
                            manifests={k: store.manifest(r.stage, r.version) for k, r in inputs.items()},
-                           out=tmp, log=log.info, work=work, progress=StageProgress(name))
+                           out=tmp, log=log.info, work=work, progress=StageProgress(name),
+                           identity=identity)
         stats = stage.build(ctx)
+        indexed = index_documents(tmp, with_sources=not stage.inputs)  # id -> partition, row: `c2m why`
+        if indexed is not None:
+            stats["index_seconds"] = round(indexed, 3)
         finished = time.time()
         manifest = {
             "stage": name, "version": version, "code_version": code_version,
+            "code_modules": plan.own(name).code_modules,
             "inputs": {k: {"stage": r.stage, "version": r.version} for k, r in inputs.items()},
             "config": sections, "identity": identity,
             "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(),
@@ -192,21 +188,24 @@ def _ui_link(artifact_id: str) -> str | None:
     return f"{ui.rstrip('/')}/artifacts/artifact/{artifact_id}" if ui else None
 
 
-def publish_summary(refs: list[Ref], store: ArtifactStore) -> str:
-    """The run's table of stages, the first artifact a user opens. Returns its id."""
+def publish_summary(refs: list[Ref], store: ArtifactStore, steps: list[Step] = ()) -> str:
+    """The run's table of stages, the first artifact a user opens, with why each built
+    stage was built (from the plan). Returns its id."""
+    why = {s.stage: "; ".join(s.reasons) for s in steps}
     rows = []
     for ref in refs:
         manifest = store.manifest(ref.stage, ref.version)
         rows.append({"stage": ref.stage, "version": ref.version, "status": ref.used.got,
                      "duration_s": ref.used.seconds, "key": report.key_figure(manifest),
-                     "link": _ui_link(ref.used.report_id)})
+                     "link": _ui_link(ref.used.report_id),
+                     "why": why.get(ref.stage, "") if ref.used.got == "built" else ""})
     summary_id = str(create_markdown_artifact(markdown=report.summary(rows), key=SUMMARY_KEY,
                                               description="the stages of this run"))
     get_run_logger().info(f"summary of this run: {_ui_link(summary_id) or SUMMARY_KEY}")
     return summary_id
 
 
-source, extract, normalize, filter_, dedup, tokenizer, shard, train, evaluate = (
+source, extract, normalize, holdout, filter_, dedup, tokenizer, shard, train, evaluate = (
     _stage_task(name) for name in ORDER)
 
 
@@ -221,20 +220,30 @@ def corpus_to_model(config: str = "configs/demo.toml", overrides: dict[str, Any]
     cfg = load_config(config, overrides)
     plan = Plan(cfg, ArtifactStore(cfg.run.artifacts), select_stages(stages, from_stage),
                 force, dict(pins or {}))
+    steps = plan_run(plan)  # computes each stage's identity once; the stages reuse it
+    for step in steps:
+        get_run_logger().info(f"plan: {step.line()}")
     try:
         raw = _use(source, plan)
         extracted = _use(extract, plan, source=raw)
         normalized = _use(normalize, plan, extract=extracted)
-        filtered = _use(filter_, plan, normalize=normalized)
+        held_out = _use(holdout, plan, normalize=normalized)
+        filtered = _use(filter_, plan, holdout=held_out)
         deduped = _use(dedup, plan, filter=filtered)
         tok = _use(tokenizer, plan, dedup=deduped)
         shards = _use(shard, plan, dedup=deduped, tokenizer=tok)
         parallel.shutdown()  # training runs alone on its cores
         model = _use(train, plan, shard=shards)
-        scores = _use(evaluate, plan, train=model, shard=shards, tokenizer=tok)
+        scores = _use(evaluate, plan, train=model, shard=shards, tokenizer=tok, holdout=held_out)
     finally:
         parallel.shutdown()
-    refs = [r for r in (raw, extracted, normalized, filtered, deduped, tok, shards, model, scores)
+    refs = [r for r in (raw, extracted, normalized, held_out, filtered, deduped, tok, shards, model, scores)
             if r is not None]
-    publish_summary(refs, plan.store)
-    return {r.stage: r.version for r in refs}
+    publish_summary(refs, plan.store, steps)
+    versions = {r.stage: r.version for r in refs}
+    try:  # `c2m why --run` follows a document through them
+        plan.store.record_run(versions, **_built_by())
+    except OSError as exc:  # a read-only or full store still gives its cache hits
+        get_run_logger().warning(f"could not record this run's versions in {plan.store.root / 'runs'} "
+                                 f"({exc.strerror or exc}); `c2m why --run` will not know it")
+    return versions

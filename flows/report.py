@@ -92,6 +92,14 @@ def _normalize(s: dict) -> list[str]:
     return _documents(s) + [f"- documents changed by repair: {s['docs_changed']:,}; fixes: {fixes}"]
 
 
+def _holdout(s: dict) -> list[str]:
+    e = s["eval"]
+    skipped = ", ".join(f"{escape(str(k))} {v}" for k, v in e["skipped"].items())
+    return [f"- **eval set ({e['kind']}): {e['docs']:,} documents, {_mb(e['bytes'])}**"
+            + (f"; not usable: {skipped}" if skipped else ""),
+            *_documents(s)]
+
+
 def _filter(s: dict) -> list[str]:
     langs = ", ".join(f"{escape(k)} {v:,}" for k, v in list(s["kept_languages"].items())[:8])
     return [f"- **toxicity scorer: {s['toxicity_scorer']}** ({escape(s['toxicity_model'] or 'no model')}), "
@@ -144,16 +152,24 @@ def _evaluate(s: dict) -> list[str]:
              f"top-5 {s['top5_accuracy']:.3f}",
              f"- beats unigram: **{s['beats_unigram']}**; beats compressors: "
              f"**{escape(', '.join(s['beats_compressors']) or 'none')}**"]
+    held = s.get("eval")
+    if held:
+        lines.insert(0, f"- **eval set: {held['bits_per_byte']:.4f} bits per byte** (loss {held['loss']:.4f}) "
+                        f"over {held['docs']:,} documents held out before filtering, {_mb(held['bytes'])} "
+                        "scored: the figure to compare across data variants and tokenizers")
+    eval_bpb = {r["step"]: f"{r['bits_per_byte']:.4f}" for r in (held or {}).get("curve", [])}
     if s.get("curve"):
-        lines += ["", "Per checkpoint, on the same val tokens:", ""]
+        lines += ["", "Per checkpoint, on the same val tokens (and the eval set):", ""]
         lines += _table([(r["step"], f"{r['loss']:.4f}", f"{r['bits_per_byte']:.4f}",
-                          f"{r['accuracy']:.3f}", f"{r['top5_accuracy']:.3f}") for r in s["curve"]],
-                        ("step", "loss", "bits per byte", "top-1", "top-5"))
+                          eval_bpb.get(r["step"], ""), f"{r['accuracy']:.3f}", f"{r['top5_accuracy']:.3f}")
+                         for r in s["curve"]],
+                        ("step", "val loss", "val bits per byte", "eval bits per byte", "top-1", "top-5"))
         lines += ["", "![val curve](val_curve.png)"]
     return lines
 
 
-HEADLINES = {"source": _source, "extract": _documents, "normalize": _normalize, "filter": _filter,
+HEADLINES = {"source": _source, "extract": _documents, "normalize": _normalize, "holdout": _holdout,
+             "filter": _filter,
              "dedup": _documents, "tokenizer": _tokenizer, "shard": _shard, "train": _train,
              "evaluate": _evaluate}
 
@@ -314,10 +330,12 @@ def _kept(s: dict) -> str:
 KEY_FIGURES = {
     "source": lambda s: f"{s['docs']:,} docs, {_mb(s['bytes'])}",
     "extract": _kept, "normalize": _kept, "filter": _kept, "dedup": _kept,
+    "holdout": lambda s: f"eval set {s['eval']['docs']:,} docs, {_mb(s['eval']['bytes'])}; {_kept(s)}",
     "tokenizer": lambda s: f"vocab {s['vocab_size']:,}, {s['heldout']['bytes_per_token']:.2f} bytes/token",
     "shard": lambda s: f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens",
     "train": lambda s: f"{s['steps']:,} steps, {s['tokens_per_s']:,.0f} tokens/s",
-    "evaluate": lambda s: f"{s['bits_per_byte']:.3f} bits/byte",
+    "evaluate": lambda s: f"{s['bits_per_byte']:.3f} val bits/byte"
+                          + (f", eval {s['eval']['bits_per_byte']:.3f}" if s.get("eval") else ""),
 }
 
 
@@ -347,16 +365,18 @@ def cache_hit(manifest: dict, run_name: str | None, folder: Path, got: str = "ca
 
 def summary(rows: list[dict]) -> str:
     """The run's table of stages: rows of stage, version, status (built, cached, pinned),
-    duration_s, key (from key_figure) and link (the stage report's URL, or None)."""
+    duration_s, key (from key_figure), link (the stage report's URL, or None) and why
+    (what the plan said made a built stage build)."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     tally = ", ".join(f"{n} {status}" for status, n in counts.items())
     lines = [f"{len(rows)} stages: {tally}", "",
-             "| stage | version | status | duration | key figure | report |", "|---|---|---|---|---|---|"]
+             "| stage | version | status | duration | key figure | report | why |",
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
         link = f"[report]({row['link']})" if row.get("link") else ""
         cells = [escape(row["stage"]), escape(row["version"]), escape(row["status"]),
                  duration(row.get("duration_s")), escape(row.get("key") or "")]
-        lines.append("| " + " | ".join(cells + [link]) + " |")
+        lines.append("| " + " | ".join(cells + [link, escape(row.get("why") or "")]) + " |")
     return "\n".join(lines) + "\n"

@@ -7,8 +7,10 @@ where the stage is per-document. It returns the stats that go into the manifest.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib
+import importlib.util
 import inspect
 import json
 import textwrap
@@ -19,13 +21,13 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from corpus import dedup, sources, tokenizer, toxicity
-from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts
+from corpus import dedup, holdout, sources, tokenizer, toxicity
+from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts, write_docs
 from corpus.extract import extract
 from corpus.filter import filter_docs
 from corpus.language import load_language_model
 from corpus.normalize import normalize
-from corpus.shard import write_token_shards
+from corpus.shard import write_document_tokens, write_token_shards
 from flows.config import Config, versioned
 from flows.parallel import map_partitions
 from flows.store import ArtifactStore
@@ -43,6 +45,8 @@ class StageContext:
     work: Path | None = None
     # gets {"unit", "done", "total", ...} as the stage goes (flows.progress.StageProgress)
     progress: Callable[[dict], None] = lambda info: None  # noqa: E731
+    # the stage's identity as its version has it (computed once per run); None: compute it
+    identity: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,40 @@ class Stage:
         """The settings of this stage that change its output (part of its version)."""
         return {s: versioned(cfg.section(s)) for s in self.sections}
 
+    def code_modules(self) -> dict[str, str]:
+        """A short hash of each module's code and of the build function's, so that a plan
+        can name the module that changed."""
+        hashes = {name: source_hash(module_source(name)) for name in self.modules}
+        hashes[BUILD_FUNCTION] = source_hash(textwrap.dedent(inspect.getsource(self.build)))
+        return dict(sorted(hashes.items()))
+
     def code_version(self) -> str:
-        h = hashlib.sha256()
-        for name in sorted(self.modules):
-            h.update(code_fingerprint(Path(importlib.import_module(name).__file__).read_text()).encode())
-        h.update(code_fingerprint(textwrap.dedent(inspect.getsource(self.build))).encode())
-        return h.hexdigest()[:12]
+        return code_version(self.code_modules())
+
+
+BUILD_FUNCTION = "build function"  # its key in code_modules
+
+
+def code_version(code_modules: dict[str, str]) -> str:
+    """The stage's code version: one hash of its per-module hashes."""
+    return _short_hash(json.dumps(code_modules, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=256)  # stages share modules; parsing is most of a plan's cost
+def source_hash(source: str) -> str:
+    return _short_hash(code_fingerprint(source))
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def module_source(name: str) -> str:
+    """A module's source, found without importing it (importing trainer modules costs torch)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        raise ValueError(f"code version: module {name!r} has no Python source file")
+    return Path(spec.origin).read_text()
 
 
 def code_fingerprint(source: str) -> str:
@@ -133,6 +165,73 @@ def build_normalize(ctx: StageContext) -> dict:
     return {**stats, "docs_changed": changed, "fixes": fixes}
 
 
+def holdout_identity(cfg: Config) -> dict:
+    h = cfg.holdout
+    if h.kind == "path":
+        return {"eval_files": sources.fingerprint(h.path)}
+    return {"python": sources.pydoc_info()} if h.kind == "pydoc" else {}
+
+
+def build_holdout(ctx: StageContext) -> dict:
+    """The eval set into eval/, and the training candidates without it (and without
+    copies of its texts) into docs/."""
+    h, parts = ctx.cfg.holdout, partitions(ctx.inputs["normalize"])
+    skipped: dict[str, int | str] = {}
+    if h.kind == "split":
+        # workers write the eval documents; only their ids and text hashes come back
+        written = map_partitions(ctx.cfg.dask, partial(_write_split_eval, fraction=h.fraction), parts,
+                                 out_dir=ctx.out)
+        pairs = [key for part in written for key in part]
+    else:
+        pairs = _write_external_eval(h, ctx.out / "eval", ctx.cfg.source.docs_per_partition, skipped)
+    if not pairs:
+        where = (f"{h.fraction:.0%} of {sum(_rows(p) for p in parts)} documents" if h.kind == "split"
+                 else f"holdout.kind = {h.kind!r}, skipped: {skipped}")
+        raise ValueError(f"holdout: the eval set is empty ({where}); raise holdout.fraction "
+                         "or give holdout.kind = 'path' with your own eval documents")
+    eval_hashes: dict[str, str] = {}
+    for id_, text_hash, _ in pairs:
+        eval_hashes.setdefault(text_hash, id_)
+    stats = _map_docs(ctx, "normalize", holdout.hold_out, eval_ids=frozenset(p[0] for p in pairs),
+                      eval_hashes=eval_hashes)
+    return {**stats, "eval": {"kind": h.kind, "docs": len(pairs), "bytes": sum(p[2] for p in pairs),
+                              "skipped": skipped}}
+
+
+def eval_partitions(folder: Path) -> list[Path]:
+    """The holdout stage's eval documents."""
+    return sorted((folder / "eval").glob("part-*.parquet"))
+
+
+def _rows(part: Path) -> int:
+    from corpus.documents import open_partition
+
+    return open_partition(part).metadata.num_rows
+
+
+def _eval_key(doc: dict) -> tuple[str, str, int]:
+    """What the driver keeps of an eval document: id, text hash, UTF-8 bytes."""
+    return doc["id"], dedup.text_hash(doc["text"]), len(doc["text"].encode("utf-8"))
+
+
+def _write_split_eval(path: Path, out_dir: Path, fraction: float) -> list[tuple[str, str, int]]:
+    docs = holdout.split_eval_docs(path, fraction)
+    (out_dir / "eval").mkdir(parents=True, exist_ok=True)
+    write_docs(docs, out_dir / "eval" / path.name)
+    return [_eval_key(d) for d in docs]
+
+
+def _write_external_eval(h, out: Path, per_partition: int, skipped: dict) -> list[tuple[str, str, int]]:
+    pairs: list[tuple[str, str, int]] = []
+
+    def tracked(docs):
+        for doc in docs:
+            pairs.append(_eval_key(doc))
+            yield doc
+    sources.write_partitions(tracked(holdout.external_eval_docs(h, skipped)), out, per_partition)
+    return pairs
+
+
 def filter_identity(cfg: Config) -> dict:
     """Which models will really run: `auto` and the bundled language model depend on
     what is installed here."""
@@ -145,7 +244,7 @@ def filter_identity(cfg: Config) -> dict:
 
 def build_filter(ctx: StageContext) -> dict:
     f = ctx.cfg.filter
-    identity = filter_identity(ctx.cfg)
+    identity = filter_identity(ctx.cfg) if ctx.identity is None else ctx.identity  # loading scorers is slow
     scorer = identity["scorer"]
     note = ""
     if f.toxicity == "auto" and scorer and scorer["name"] != "detoxify":
@@ -154,7 +253,7 @@ def build_filter(ctx: StageContext) -> dict:
         except toxicity.ToxicityModelMissing as exc:
             note = f"auto fell back from detoxify: {exc}"
     # workers run the scorer the driver resolved, never their own `auto` choice
-    stats = _map_docs(ctx, "normalize", filter_docs, config=f, quality=ctx.cfg.quality,
+    stats = _map_docs(ctx, "holdout", filter_docs, config=f, quality=ctx.cfg.quality,
                       scorer_kind=scorer["name"] if scorer else "off")
     languages: dict[str, int] = {}
     for part in partitions(ctx.out):
@@ -294,7 +393,7 @@ def build_train(ctx: StageContext) -> dict:
 
 
 def build_evaluate(ctx: StageContext) -> dict:
-    from trainer.evaluate import evaluate, evaluate_checkpoints, plot_curve
+    from trainer.evaluate import evaluate, evaluate_checkpoints, heldout_curve, plot_curve
 
     e = ctx.cfg.evaluate
     val = sorted(ctx.inputs["shard"].glob("val_*.bin"))
@@ -308,7 +407,18 @@ def build_evaluate(ctx: StageContext) -> dict:
     curve = evaluate_checkpoints(earlier, val, metrics["tokens_per_byte"], e.batch_size, e.max_tokens or None)
     curve.append({"step": final, "tokens": metrics["tokens_evaluated"],
                   **{k: metrics[k] for k in ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte")}})
-    plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"])
+    # the eval set, in this run's tokens: bits per byte compare across tokenizers and filters
+    tok_path = ctx.inputs["tokenizer"] / "tokenizer.json"
+    held = write_document_tokens(read_texts(eval_partitions(ctx.inputs["holdout"])),
+                                 Tokenizer.from_file(str(tok_path)), ctx.out, "eval")
+    eval_curve = heldout_curve([*earlier, ctx.inputs["train"] / "model.pt"],
+                               [ctx.out / name for name in held["shards"]], tok_path, e.batch_size)
+    trained = ctx.manifests["train"]["stats"]
+    for record in eval_curve:  # tokens seen in training by that checkpoint
+        record["tokens_seen"] = record["step"] * trained["tokens_seen"] // max(trained["steps"], 1)
+    metrics["eval"] = {**eval_curve[-1], "docs": held["docs"], "eval_set_bytes": held["bytes"],
+                       "curve": eval_curve}
+    plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"], eval_curve)
     metrics["curve"] = curve
     (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -320,7 +430,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("extract", ("source",), (), ("corpus.extract", "corpus.documents"), build_extract),
     Stage("normalize", ("extract",), (), ("corpus.normalize", "corpus.documents"),
           build_normalize),
-    Stage("filter", ("normalize",), ("filter", "quality"),
+    Stage("holdout", ("normalize",), ("holdout",), ("corpus.holdout", "corpus.documents"), build_holdout,
+          identity=holdout_identity),
+    Stage("filter", ("holdout",), ("filter", "quality"),
           ("corpus.filter", "corpus.quality", "corpus.language", "corpus.toxicity", "corpus.documents"),
           build_filter, identity=filter_identity),
     Stage("dedup", ("filter",), ("dedup",), ("corpus.dedup", "corpus.documents"), build_dedup),
@@ -330,11 +442,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("train", ("shard",), ("train",),
           ("trainer.model", "trainer.train", "trainer.data", "trainer.perf", "trainer.evaluate"), build_train,
           identity=train_identity),
-    Stage("evaluate", ("train", "shard", "tokenizer"), ("evaluate",),
+    Stage("evaluate", ("train", "shard", "tokenizer", "holdout"), ("evaluate",),
           ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data"), build_evaluate),
 ]}
 ORDER = list(STAGES)
-DOCUMENT_STAGES = ("extract", "normalize", "filter", "dedup")
+DOCUMENT_STAGES = ("extract", "normalize", "holdout", "filter", "dedup")
 
 
 def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:

@@ -28,6 +28,7 @@ import psutil  # comes with dask.distributed
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+RUNS = "runs"              # <root>/runs/<flow run name>.json: the versions a run used
 TMP_PREFIX = ".tmp-"       # .tmp-<version>-<lease token>[-old] and .tmp-work-<version>
 LEASE_PREFIX = ".lease-"   # .lease-<version>.<generation>
 HEARTBEAT_S = 10.0         # a lease holder touches its lease this often
@@ -319,7 +320,8 @@ class ArtifactStore:
     def stages(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and not p.name.startswith(".") and p.name != RUNS)
 
     def versions(self, stage: str) -> list[str]:
         """Complete versions of a stage, oldest first."""
@@ -392,6 +394,37 @@ class ArtifactStore:
         except OSError as exc:
             return f"{stage}: could not point {pointer} at {version} ({exc.strerror or exc}); using it anyway"
         return None
+
+    def record_run(self, versions: dict[str, str], flow_run_name: str, flow_run_id) -> Path:
+        """Write `runs/<flow run name>.json`: the version of each stage a run used, so
+        that `c2m why --run` can follow a document through exactly those."""
+        folder = self.root / RUNS
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{flow_run_name}.json"
+        record = {"name": flow_run_name, "flow_run_id": str(flow_run_id),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions}
+        tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}"
+        try:
+            tmp.write_text(json.dumps(record, indent=2))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def run_record(self, name_or_id: str) -> dict:
+        """A recorded run by flow run name, or by flow run id or a unique prefix of it."""
+        folder = self.root / RUNS
+        path = folder / f"{name_or_id}.json"
+        if name_or_id and path.is_file():
+            return json.loads(path.read_text())
+        records = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+        found = [r for r in records if name_or_id and r.get("flow_run_id", "").startswith(name_or_id)]
+        if len(found) == 1:
+            return found[0]
+        newest = sorted(records, key=lambda r: r.get("time", ""))[-5:]
+        known = ", ".join(r["name"] for r in newest) or "none yet"
+        raise FileNotFoundError(f"no run {name_or_id!r} recorded under {folder} "
+                                f"({len(found) or 'no'} matches; runs there: {known})")
 
     def lineage(self, stage: str, version: str) -> list[tuple[str, str]]:
         """This artifact and everything it was built from, depth first."""

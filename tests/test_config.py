@@ -8,7 +8,7 @@ import time
 import pytest
 
 from conftest import C2M
-from flows.config import (DEFAULTS, ConfigError, load_config, parse_value, render_toml, sections,
+from flows.config import (DEFAULTS, PROJECT_ROOT, ConfigError, load_config, parse_value, render_toml, sections,
                           versioned)
 from flows.stages import STAGES
 
@@ -124,3 +124,26 @@ def test_the_dtype_that_really_runs_is_part_of_the_train_version():
     auto = train_identity(load_config("configs/demo.toml"))  # resolved here, never "auto"
     assert auto["dtype"] in ("float32", "bfloat16") and auto["device"] == "cpu"
     assert auto == (bf16 if auto["dtype"] == "bfloat16" else f32)
+
+
+def test_a_config_extends_another_and_overrides_it(tmp_path):
+    base = tmp_path / "base.toml"
+    base.write_text('extends = "../demo.toml"\n[train]\nmax_steps = 600\n'.replace(
+        "../demo.toml", str(PROJECT_ROOT / "configs" / "demo.toml")))
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.toml"
+    child.write_text('extends = "../base.toml"\n[dedup]\nnear = false\n[train]\nmax_steps = 500\n')
+    cfg = load_config(child)
+    assert (cfg.dedup.near, cfg.train.max_steps, cfg.tokenizer.vocab_size) == (False, 500, 4096)  # 4096: demo's
+    bad = tmp_path / "bad.toml"
+    bad.write_text('extends = "base.toml"\n[train]\nmax_stepz = 1\n')
+    with pytest.raises(ConfigError, match=f"{bad}: unknown setting train.max_stepz"):
+        load_config(bad)
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop2.toml"\n')
+    (tmp_path / "loop2.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="makes a loop"):
+        load_config(loop)
+    (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
+    with pytest.raises(FileNotFoundError, match=r"gone.toml not found \(extends in"):
+        load_config(tmp_path / "orphan.toml")

@@ -264,3 +264,31 @@ def test_generate_and_export_commands_on_a_model_artifact(first_run, tmp_path):
 
     missing = c2m("generate", "nope")
     assert missing.returncode == 1 and missing.stderr.strip().startswith("error: train/nope")
+
+
+def test_the_eval_set_is_held_out_before_filtering_and_scored(first_run):
+    """holdout takes the eval split from the normalized corpus; no later stage sees those
+    documents; evaluate scores the final model and each checkpoint on them."""
+    store, _, versions, _ = first_run
+    held = store.path("holdout", versions["holdout"])
+    eval_docs = pq.read_table(held / "eval").to_pylist()
+    assert sorted(d["source"] for d in eval_docs) == ["0007.html.gz", "0010.html.gz", "0011.html.gz"]
+    eval_ids = {d["id"] for d in eval_docs}
+    rejected = pq.read_table(held / "rejected").to_pylist()
+    assert {r["id"] for r in rejected if r["reason"] == "eval"} == eval_ids
+    for stage in ("filter", "dedup"):
+        folder = store.path(stage, versions[stage])
+        seen = {r["id"] for sub in ("docs", "rejected") for r in pq.read_table(folder / sub).to_pylist()}
+        assert not seen & eval_ids, stage
+    stats = store.manifest("holdout", versions["holdout"])["stats"]
+    assert stats["eval"]["docs"] == 3
+    assert stats["eval"]["bytes"] == sum(len(d["text"].encode()) for d in eval_docs)
+    metrics = json.loads((store.path("evaluate", versions["evaluate"]) / "metrics.json").read_text())
+    scored = metrics["eval"]
+    assert scored["docs"] == 3 and 0 < scored["bits_per_byte"] < 8
+    # every token but the last window's remainder is scored: nearly all the eval bytes
+    assert 0.9 * stats["eval"]["bytes"] < scored["bytes"] <= stats["eval"]["bytes"]
+    steps = [r["step"] for r in scored["curve"]]
+    assert steps == sorted(steps) and steps[-1] == metrics["checkpoint_step"]
+    assert scored["curve"][-1]["tokens_seen"] == store.manifest("train", versions["train"])["stats"]["tokens_seen"]
+    assert "eval set:" in (store.path("evaluate", versions["evaluate"]) / "report.md").read_text()

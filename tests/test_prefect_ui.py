@@ -96,7 +96,9 @@ def test_the_summary_lists_every_stage_as_built_then_cached(runs):
             row = rows[stage]
             assert versions[stage] in row and status in row, row
             # the link opens this run's report of the stage in the UI
-            assert f"/artifacts/artifact/{published[f'{stage}-report'].id})" in row[-1], row
+            assert f"/artifacts/artifact/{published[f'{stage}-report'].id})" in row[5], row
+            # why it was built, from the plan; a cached stage needs no reason
+            assert row[6].startswith("new: no earlier version") if status == "built" else row[6] == "", row
 
 
 def test_cache_hits_are_told_apart_from_built_stages(runs):
@@ -123,10 +125,11 @@ def test_the_run_graph_is_the_dag(runs):
         "source": [],
         "extract": ["source"],
         "normalize": ["extract"],
-        "filter": ["normalize"],
+        "holdout": ["normalize"],
+        "filter": ["holdout"],
         "dedup": ["filter"],
         "tokenizer": ["dedup"],
         "shard": ["dedup", "tokenizer"],
         "train": ["shard"],
-        "evaluate": ["shard", "tokenizer", "train"],
+        "evaluate": ["holdout", "shard", "tokenizer", "train"],
     }

@@ -61,6 +61,9 @@ STATS = {
     "extract": {**DOCS, "bytes_in": 8049251, "bytes_out": 3108556, "docs_out": 202, "docs_rejected": 0},
     "normalize": {**DOCS, "bytes_in": 3108556, "docs_out": 202, "docs_rejected": 0, "docs_changed": 197,
                   "fixes": {"normalize:NFC": 1, "uncurl_quotes": 2, "unescape_html": 11, "whitespace": 197}},
+    "holdout": {**DOCS, "bytes_in": 2826605, "bytes_out": 2741586, "docs_out": 191, "docs_rejected": 11,
+                "rejected_by_reason": {"eval": 11},
+                "eval": {"kind": "split", "docs": 11, "bytes": 85019, "skipped": {}}},
     "filter": {**DOCS, "kept_languages": {"en": 183}, "language_model": "fastText lid.176.ftz",
                "rejected_by_reason": {"c4_punctuation": 2, "gopher_alpha_words": 10,
                                       "gopher_mean_word_length": 2, "gopher_word_count": 5},
@@ -89,6 +92,11 @@ STATS = {
     "evaluate": {"accuracy": 0.4334897094430993, "beats_compressors": [], "beats_unigram": True,
                  "bits_per_byte": 1.536056039260414, "bytes_evaluated": 168026, "checkpoint_step": 1100,
                  "compressors": {"gzip -9": 1.4448240153309606, "xz -9": 1.2710413864520966},
+                 "eval": {"docs": 11, "eval_set_bytes": 85019, "bytes": 84890, "step": 1100, "loss": 3.51,
+                          "accuracy": 0.42, "tokens": 26010, "bits_per_byte": 1.5871, "tokens_seen": 2252800,
+                          "curve": [{"step": 275, "loss": 4.2, "bits_per_byte": 1.91, "tokens_seen": 563200},
+                                    {"step": 1100, "loss": 3.51, "bits_per_byte": 1.5871,
+                                     "tokens_seen": 2252800}]},
                  "curve": [{"accuracy": 0.322, "bits_per_byte": 1.878, "loss": 4.1376, "step": 275,
                             "top5_accuracy": 0.475},
                            {"accuracy": 0.4335, "bits_per_byte": 1.536, "loss": 3.3841, "step": 1100,
@@ -100,6 +108,7 @@ STATS = {
                  "unigram_bits_per_byte": 2.6894065587195257, "unigram_entropy": 5.925136886658173},
 }
 VERSIONS = {"source": "000c76db64c3", "extract": "83447b796c6e", "normalize": "599e10612fd2",
+            "holdout": "5a1e0e7d2c11",
             "filter": "1339b9ee0a23", "dedup": "94b6b65ed4dd", "tokenizer": "b92e81a7434d",
             "shard": "7bd2dc115efc", "train": "93e448c5e96f", "evaluate": "d39127ea1f77"}
 MARKDOWN = MarkdownIt("commonmark").enable("table")
@@ -129,7 +138,8 @@ def test_every_stage_has_a_section_and_a_key_figure(tmp_path):
     assert report.key_figure(manifest("filter")) == "183 of 202 docs kept"
     assert report.key_figure(manifest("tokenizer")) == "vocab 4,096, 3.18 bytes/token"
     assert report.key_figure(manifest("train")) == "1,100 steps, 14,523 tokens/s"
-    assert report.key_figure(manifest("evaluate")) == "1.536 bits/byte"
+    assert report.key_figure(manifest("evaluate")) == "1.536 val bits/byte, eval 1.587"
+    assert report.key_figure(manifest("holdout")) == "eval set 11 docs, 0.09 MB; 191 of 202 docs kept"
 
 
 def test_document_text_shows_as_written(tmp_path):
@@ -223,7 +233,8 @@ def test_a_cache_hit_names_what_was_used_and_who_built_it():
 def test_the_summary_table_has_a_row_and_a_link_per_stage():
     rows = [{"stage": stage, "version": VERSIONS[stage], "status": "built" if stage == "train" else "cached",
              "duration_s": 164.93 if stage == "train" else 0.01, "key": report.key_figure(manifest(stage)),
-             "link": None if stage == "shard" else f"http://127.0.0.1:4200/artifacts/key/{stage}-report"}
+             "link": None if stage == "shard" else f"http://127.0.0.1:4200/artifacts/key/{stage}-report",
+             "why": "train.max_steps: 100 -> 1100" if stage == "train" else ""}
             for stage in ORDER]
     page = MARKDOWN.render(report.summary(rows))
     table = re.findall(r"<tr>(.*?)</tr>", page, re.S)
@@ -232,11 +243,11 @@ def test_the_summary_table_has_a_row_and_a_link_per_stage():
     assert [c[0] for c in cells] == ORDER
     by_stage = {c[0]: c for c in cells}
     assert by_stage["train"] == ["train", "93e448c5e96f", "built", "2 min 45 s",
-                                 "1,100 steps, 14,523 tokens/s", "report"]
+                                 "1,100 steps, 14,523 tokens/s", "report", "train.max_steps: 100 -> 1100"]
     assert by_stage["filter"][2:5] == ["cached", "0.0 s", "183 of 202 docs kept"]
     assert by_stage["shard"][5] == ""
     assert 'href="http://127.0.0.1:4200/artifacts/key/evaluate-report"' in page
-    assert "1 built" in page and "8 cached" in page
+    assert "1 built" in page and "9 cached" in page
 
 
 @pytest.mark.parametrize("steps", [[0, 3], [275, 550, 825, 1100]])

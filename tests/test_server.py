@@ -32,6 +32,12 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
             url = f"http://127.0.0.1:{port}/api/deployments/name/corpus-to-model/{name}"
             with urllib.request.urlopen(url, timeout=5) as r:
                 assert json.load(r)["parameters"]["config"] == f"configs/{name}.toml"
+        url = f"http://127.0.0.1:{port}/api/deployments/name/corpus-to-model/compare"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            compare = json.load(r)
+        assert compare["parameters"]["configs"] == ["configs/compare/quality-on.toml",
+                                                    "configs/compare/quality-off.toml"]
+        assert compare["entrypoint"].endswith("flows/compare.py:compare")
         assert (tmp_path / "state" / "prefect").is_dir()  # Prefect state stays project-local
         assert c2m("up").returncode == 0  # idempotent: nothing new started
         assert json.loads(c2m("status").stdout)["server_pid"] == pids[0]

@@ -308,8 +308,34 @@ def evaluate_checkpoints(checkpoint_paths: list[Path], val_shards: list[Path], t
     return sorted(records, key=lambda r: r["step"])
 
 
-def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | None = None) -> None:
-    """Val loss and bits per byte against step; the compressors' bits per byte as flat lines."""
+def heldout_curve(checkpoint_paths: list[Path], shards_paths: list[Path], tokenizer_path: Path,
+                  batch_size: int = 16, device: str = "cpu") -> list[dict]:
+    """Each checkpoint's loss, accuracy and bits per byte on every token of a held-out
+    set (no max_tokens, so models on other tokenizers are scored on the same bytes, up to
+    the last window's remainder). By step; `bytes` is what the targets decode to."""
+    shards = Shards(shards_paths)
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    table = token_bytes(tokenizer, tokenizer_path)
+    records, n_bytes = [], None
+    for path in checkpoint_paths:
+        model, ckpt = load_model(path, device)
+        if n_bytes is None:  # the windows depend on block_size only: the same for every checkpoint
+            n_bytes = sum(len(chunk) for chunk, _ in
+                          val_byte_chunks(shards, model.config.block_size, None, table))
+            if not n_bytes:
+                raise ValueError(f"the held-out tokens of {', '.join(map(str, shards_paths))} decode "
+                                 "to no text; use a larger eval set")
+        m = val_metrics(model, shards, batch_size, None)
+        records.append({"step": int(ckpt.get("step", 0)), "loss": m["loss"], "accuracy": m["accuracy"],
+                        "tokens": m["tokens"], "bytes": n_bytes,
+                        "bits_per_byte": bits_per_byte(m["loss"], m["tokens"] / n_bytes)})
+    return sorted(records, key=lambda r: r["step"])
+
+
+def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | None = None,
+               heldout: list[dict] | None = None) -> None:
+    """Val loss and bits per byte against step; the compressors' bits per byte as flat
+    lines; the eval set's bits per byte (`heldout`, from heldout_curve) beside val's."""
     # The object API with an Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -321,11 +347,14 @@ def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | 
     steps = [r["step"] for r in records]
     loss_ax.plot(steps, [r["loss"] for r in records], marker="o", color="tab:blue")
     loss_ax.set_ylabel("val loss (nats/token)")
-    bpb_ax.plot(steps, [r["bits_per_byte"] for r in records], marker="o", color="tab:blue", label="model")
+    bpb_ax.plot(steps, [r["bits_per_byte"] for r in records], marker="o", color="tab:blue", label="model, val")
+    if heldout:
+        bpb_ax.plot([r["step"] for r in heldout], [r["bits_per_byte"] for r in heldout], marker="s",
+                    color="tab:cyan", label="model, eval set")
     for (name, bpb), color in zip((compressors or {}).items(), ["tab:orange", "tab:green", "tab:red",
                                                                  "tab:purple", "tab:brown"]):
         bpb_ax.axhline(bpb, linestyle="--", color=color, label=name)
-    bpb_ax.set_ylabel("val bits per byte")
+    bpb_ax.set_ylabel("bits per byte")
     bpb_ax.legend(fontsize="small")
     for ax in (loss_ax, bpb_ax):
         ax.set_xlabel("step")
