@@ -232,36 +232,45 @@ def config_(config: str = typer.Option("configs/demo.toml", help="TOML config (o
 
 
 @app.command()
-def up():
-    """Start the local Prefect server and the process serving the deployments."""
-    server.start()
+def up(pool: Optional[str] = typer.Option(
+        None, "--pool", help="run the deployments through a process worker of this work pool "
+                             "(created if absent) instead of the serve process")):
+    """Start the local Prefect server and the process running the deployments: the serve
+    process, or with --pool a `prefect worker start --pool NAME` (one of the two at a time).
+
+    The server keeps its database where PREFECT_API_DATABASE_CONNECTION_URL says
+    (e.g. postgresql+asyncpg://user:password@host:5432/prefect), else SQLite under .c2m/."""
+    server.start(pool=pool)
 
 
 @app.command()
 def down():
-    """Stop exactly the server and serve processes that `c2m up` started."""
+    """Stop exactly the server and the serve or worker process that `c2m up` started."""
     server.stop()
 
 
 @app.command()
 def status():
-    """Whether the server and serve process run, and where their logs are."""
+    """Whether the server runs, which runner (serve, or worker and its pool), and where the
+    logs are."""
     typer.echo(json.dumps(server.status(), indent=2))
 
 
 @app.command()
 def demo(root: str = ROOT_OPTION):
-    """Serve the deployments and run corpus-to-model/demo end to end through the server."""
-    server.start()
+    """Serve the deployments and run corpus-to-model/demo end to end through the server (through
+    the work pool's worker when `c2m up --pool` started one)."""
+    server.start(pool=server.pool())
     typer.echo("$ prefect deployment run corpus-to-model/demo   (here through the Prefect client, "
                "with the stages' progress below)")
     failure = _run_deployment("corpus-to-model/demo")
     if failure:
-        serve_log = server.STATE / "serve.log"
-        if failure.startswith("could not start") and server.tail("serve"):
-            typer.echo(server.tail("serve", 20), err=True)
-            failure += "; the last lines of the serve log are above"
-        typer.echo(f"error: the demo run failed: {failure}; the serve log is {serve_log}", err=True)
+        runner = "worker" if server.pool() else "serve"
+        if failure.startswith("could not start") and server.tail(runner):
+            typer.echo(server.tail(runner, 20), err=True)
+            failure += f"; the last lines of the {runner} log are above"
+        typer.echo(f"error: the demo run failed: {failure}; the {runner} log is "
+                   f"{server.STATE / (runner + '.log')}", err=True)
         raise typer.Exit(1)
     store = ArtifactStore(root)
     evaluate = store.path("evaluate", store.resolve("evaluate"))

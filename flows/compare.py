@@ -151,7 +151,7 @@ def spread(row: dict) -> float:
 def render(rows: list[dict], lines_of_verdict: list[str], plot: str | None) -> str:
     n_seeds = len(rows[0]["seeds"])
     header = ("variant", "differs from " + rows[0]["variant"], "docs kept", "train tokens",
-              "eval bits/byte per seed", f"mean ± spread ({n_seeds} seeds)", "train time")
+              "eval bits/byte per seed", f"mean ± spread ({n_seeds} seed{'s' * (n_seeds > 1)})", "train time")
     body = []
     for row in rows:
         diff = "<br>".join(escape(d) for d in row["diff"]) or ("(the reference)" if row is rows[0] else "nothing")

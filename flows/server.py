@@ -1,10 +1,13 @@
-"""The local Prefect server and the process serving our deployments.
+"""The local Prefect server and the process that runs our deployments' flow runs.
 
-Both are ordinary background processes with pid files and logs under `.c2m/` in the
-project; `stop()` ends exactly those two. Prefect state (its SQLite database) lives in
+That runner is either the serve process (`c2m up`: `prefect.serve` of every deployment) or
+a process worker polling a work pool (`c2m up --pool NAME`: `prefect worker start`), never
+both. All are ordinary background processes with pid files and logs under `.c2m/` in the
+project; `stop()` ends exactly those. Prefect state (its SQLite database, unless
+PREFECT_API_DATABASE_CONNECTION_URL names another, e.g. PostgreSQL) lives in
 `.c2m/prefect`, and the server binds to 127.0.0.1 only.
 
-`c2m up` / `c2m demo` start both and leave them running. `c2m run` needs only the API:
+`c2m up` / `c2m demo` start the server and a runner and leave them running. `c2m run` needs only the API:
 it uses the server when one is up, and otherwise starts one for itself (marked in
 `server.owner`) that the last run using it stops; `c2m up` adopts such a server.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -32,7 +36,8 @@ STATE = Path(os.environ.get("C2M_STATE", PROJECT_ROOT / ".c2m"))
 HOST = "127.0.0.1"
 PORT = int(os.environ.get("C2M_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"
-PROCESSES = ("serve", "server")  # stop order: the runner first, then the API it talks to
+RUNNERS = ("serve", "worker")   # what runs deployments' flow runs: one of the two at a time
+PROCESSES = (*RUNNERS, "server")  # stop order: the runner first, then the API it talks to
 OWNER = STATE / "server.owner"   # present while the server belongs to `c2m run`s, not to `c2m up`
 USERS = STATE / "runs"           # one file per live `c2m run` process using the server
 
@@ -46,6 +51,7 @@ def prefect_env() -> dict[str, str]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         "PREFECT_RUNNER_POLL_FREQUENCY": "2",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",  # a worker picks a new run up within 2 s, not 10
         "DASK_LOGGING__DISTRIBUTED": "warning",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -73,8 +79,11 @@ def healthy() -> bool:
     return _get("/health")[0] == 200
 
 
-def deployment_ready(name: str) -> bool:
-    return _get(f"/deployments/name/corpus-to-model/{name}")[0] == 200
+def deployment_ready(name: str, pool: str | None = None) -> bool:
+    """Whether corpus-to-model/<name> exists and routes its runs to `pool` (None: to the
+    serve process; a deployment left by `c2m up --pool` is not ready until serve took it over)."""
+    code, body = _get(f"/deployments/name/corpus-to-model/{name}")
+    return code == 200 and json.loads(body).get("work_pool_name") == pool
 
 
 def _alive(pid: int) -> bool:
@@ -194,10 +203,12 @@ def _restart_serve_if_configs_changed(wanted: list[str], log) -> None:
     _stop("serve", log)
 
 
-def start(log=print) -> None:
-    """Start the server and the serve process unless they already run; idempotent, but a
-    serve process started before configs were added or removed is restarted to serve them.
-    They stay up until `c2m down`, also when a `c2m run` had started the server."""
+def start(log=print, pool: str | None = None) -> None:
+    """Start the server and a runner unless they already run: the serve process, or with
+    `pool` a process worker of that work pool (with every deployment registered into it).
+    Idempotent; a runner of the other kind (or pool) is stopped first, and a serve process
+    started before configs were added or removed is restarted to serve them. They stay up
+    until `c2m down`, also when a `c2m run` had started the server."""
     with _lock():
         _refuse_foreign()
         if not _pid("server"):
@@ -208,13 +219,94 @@ def start(log=print) -> None:
     _wait(healthy, "server", 90)
     mark_crashed(log)
     wanted = served_configs()
+    if pool is not None:
+        _start_worker(pool, wanted, log)
+        return
+    _stop_runners(_other_runners(None), log)
     _restart_serve_if_configs_changed(wanted, log)
     if not _pid("serve"):
         _spawn("serve", [sys.executable, "-m", "flows.serve", *wanted])
         log(f"serving deployments (log: {STATE / 'serve.log'})")
-    serving = _serving() or wanted  # a serve process that died: _wait says so
+    serving = [*(_serving() or wanted), "compare"]  # a serve process that died: _wait says so
     _wait(lambda: all(deployment_ready(d) for d in serving), "serve", 90)
     log(f"ready: UI at http://{HOST}:{PORT}, deployments {', '.join(serving)}")
+
+
+def pool() -> str | None:
+    """The work pool the worker that c2m started polls (its command line names it), or None."""
+    import psutil
+
+    pid = _pid("worker")
+    try:
+        command = [] if pid is None else psutil.Process(pid).cmdline()  # prefect worker start --pool P
+    except psutil.NoSuchProcess:
+        return None
+    return command[command.index("--pool") + 1] if "--pool" in command else None
+
+
+def _other_runners(wanted_pool: str | None) -> list[str]:
+    """The runners to stop for the one wanted (the serve process when a pool is wanted, a
+    worker of another pool, or a worker when serve is wanted): two runners would both take
+    the deployments' runs. One that is running flow runs is an error, and nothing stops."""
+    import psutil
+
+    current = pool()
+    others = []
+    for name, other in (("serve", wanted_pool is not None),
+                        ("worker", current is not None and current != wanted_pool)):
+        pid = _pid(name)
+        if pid is None or not other:
+            continue
+        try:
+            runs = psutil.Process(pid).children()  # each flow run is a child process
+        except psutil.NoSuchProcess:
+            continue
+        if runs:
+            what = "the serve process" if name == "serve" else f"the worker of work pool {current!r}"
+            raise RuntimeError(f"{what} is running {len(runs)} flow run(s); switching would kill "
+                               f"them: wait for them to end (or `c2m down`), then run this again")
+        others.append(name)
+    return others
+
+
+def _stop_runners(names: list[str], log) -> None:
+    for name in names:
+        log(f"stopping the {'serve process' if name == 'serve' else 'worker of work pool ' + repr(pool())}: "
+            "one runner at a time")
+        _stop(name, log)
+
+
+def _start_worker(pool_name: str, configs: list[str], log) -> None:
+    """Register the deployments into the process work pool (created if absent), then stop
+    the other runner and start `prefect worker start --pool` unless it already runs. A
+    failed registration leaves the runner that was up as it was."""
+    others = _other_runners(pool_name)
+    STATE.mkdir(parents=True, exist_ok=True)
+    with open(STATE / "deploy.log", "wb") as out:
+        done = subprocess.run([sys.executable, "-m", "flows.deployments", "--pool", pool_name, *configs],
+                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              cwd=PROJECT_ROOT, env={**os.environ, **prefect_env()}, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"registering the deployments into work pool {pool_name!r} failed: "
+                           f"{tail('deploy', 1).removeprefix('error: ')} (log: {STATE / 'deploy.log'})")
+    log(f"registered deployments {', '.join([*configs, 'compare'])} in work pool {pool_name!r}")
+    _stop_runners(others, log)
+    if not _pid("worker"):
+        prefect = str(Path(sys.executable).with_name("prefect"))
+        _spawn("worker", [prefect, "worker", "start", "--pool", pool_name, "--type", "process"])
+        log(f"starting a process worker for work pool {pool_name!r} (log: {STATE / 'worker.log'})")
+    _wait(lambda: worker_online(pool_name), "worker", 90)
+    log(f"ready: UI at http://{HOST}:{PORT}, work pool {pool_name!r} with a worker online")
+
+
+def worker_online(pool_name: str) -> bool:
+    request = urllib.request.Request(f"{API_URL}/work_pools/{pool_name}/workers/filter", data=b"{}",
+                                     headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as r:
+            return any(w["status"] == "ONLINE" for w in json.load(r))
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
@@ -245,7 +337,7 @@ def for_run(log=print):
                     others.append(user)
                 else:
                     user.unlink()  # a run that was killed
-            if OWNER.exists() and not others and not _pid("serve"):
+            if OWNER.exists() and not others and not any(_pid(r) for r in RUNNERS):
                 _flush_prefect()
                 _stop("server", log)
                 OWNER.unlink(missing_ok=True)
@@ -290,7 +382,9 @@ def stop(log=print) -> None:
 
 
 def status() -> dict:
+    runner = next((name for name in RUNNERS if _pid(name)), None)
     return {"api": API_URL, "healthy": healthy(), "state": str(STATE),
+            "runner": runner, "pool": pool() if runner == "worker" else None,
             **{f"{name}_pid": _pid(name) for name in PROCESSES}}
 
 
