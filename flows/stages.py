@@ -14,6 +14,7 @@ import importlib.util
 import inspect
 import json
 import textwrap
+import threading
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -99,11 +100,17 @@ def module_source(name: str) -> str:
     return Path(spec.origin).read_text()
 
 
+# CPython 3.11's parser is not safe from several threads at once (python/cpython#106905:
+# "AST constructor recursion depth mismatch"), and Prefect runs tasks in threads
+_PARSING = threading.Lock()
+
+
 def code_fingerprint(source: str) -> str:
     """What of Python source decides what it does: its syntax tree without docstrings.
     Comments, docstrings, blank lines and formatting are not in it, so editing them
     rebuilds nothing."""
-    tree = ast.parse(source)
+    with _PARSING:
+        tree = ast.parse(source)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))

@@ -1,15 +1,23 @@
-"""Data-parallel training: two CPU processes under torchrun (gloo), through the command line."""
+"""Data-parallel training: two CPU processes under torchrun (gloo), from the command line
+and from the train stage (train.processes = 2), killed, resumed and failing."""
 import json
 import math
 import os
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
+from conftest import tiny_overrides
+from flows.store import ArtifactStore
 from trainer.data import write_shard
 
 VOCAB = 64
@@ -77,3 +85,176 @@ def test_two_ranks_train_on_different_windows(tmp_path):
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     assert ckpt["step"] == 8 and ckpt["loader"]["world_size"] == 2
     assert (out / "model.pt").exists() and (out / "loss.png").exists()
+
+
+# -- the train stage with train.processes = 2: torchrun started by the flow ----------
+
+# Loaded by every Python process that has its folder on PYTHONPATH; acts only in the rank
+# that C2M_TEST_RANK names (torchrun sets RANK): "slow:1" sleeps at every batch, so a test
+# can kill the run mid-train; "fail:1" raises at the third batch.
+SITECUSTOMIZE = textwrap.dedent("""
+    import os
+    mode, _, rank = os.environ.get("C2M_TEST_RANK", "").partition(":")
+    if mode and os.environ.get("RANK") == rank:
+        import time
+        from trainer.data import EpochLoader
+
+        real, batches = EpochLoader.next_batch, []
+        def next_batch(self):
+            batches.append(1)
+            if mode == "slow":
+                time.sleep(0.3)
+            elif len(batches) == 3:
+                raise RuntimeError(f"injected failure in rank {rank}")
+            return real(self)
+        EpochLoader.next_batch = next_batch
+""")
+
+# A flow run in a process of its own (as `c2m run` would be), in its own process group.
+RUN = """
+import json, sys
+from flows.flow import corpus_to_model
+print("RESULT " + json.dumps(corpus_to_model(config="configs/demo.toml", overrides=json.loads(sys.argv[1]))))
+"""
+
+
+def training_processes(root: Path) -> list[int]:
+    """Processes (torchrun and its ranks) training into a folder under `root`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"trainer.train" in argv and any(str(root).encode() in arg for arg in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def wait_until_gone(root: Path, timeout: float = 30) -> None:
+    deadline = time.time() + timeout
+    while training_processes(root):
+        assert time.time() < deadline, f"training processes left behind: {training_processes(root)}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("rank-hooks")
+    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")])
+
+
+@pytest.fixture(scope="module")
+def two_processes(prefect_harness, tiny_corpus, tmp_path_factory, hooks):
+    """A flow run killed mid-train (its ranks slowed), then run again to the end: the store,
+    the overrides, the versions of the resumed run, its progress reports, the victim's log."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.flow import corpus_to_model
+    from flows.progress import LISTENERS
+
+    tmp = tmp_path_factory.mktemp("ddp-flow")
+    artifacts = tmp / "artifacts"
+    overrides = {**tiny_overrides(tiny_corpus, artifacts), "train.processes": 2, "train.max_steps": 12,
+                 "train.checkpoint_every": 4, "train.dropout": 0.1, "train.eval_tokens": 2048}
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp / "home"),
+           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": hooks, "C2M_TEST_RANK": "slow:1"}
+    with open(tmp / "victim.log", "w") as out:
+        victim = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(overrides)], cwd=ROOT, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while not list(artifacts.glob("train/.tmp-work-*/checkpoints/step_*.pt")):
+        assert victim.poll() is None, (tmp / "victim.log").read_text()[-3000:]
+        assert time.time() < deadline, "training never wrote a checkpoint"
+        time.sleep(0.1)
+    assert training_processes(artifacts)  # torchrun and its ranks
+    os.killpg(victim.pid, signal.SIGKILL)  # the flow's group: torchrun has a session of its own
+    victim.wait()
+    wait_until_gone(artifacts)  # they die with the flow process: nothing writes on behind the rerun
+    (work,) = artifacts.glob("train/.tmp-work-*")
+    killed_at = sorted(p.name for p in (work / "checkpoints").iterdir())[-1]
+
+    reports = []
+    LISTENERS.append(lambda stage, pct, text: reports.append((stage, pct, text)))
+    try:
+        versions = corpus_to_model(config="configs/demo.toml", overrides=overrides)
+    finally:
+        LISTENERS.clear()
+    return SimpleNamespace(store=ArtifactStore(artifacts), overrides=overrides, versions=versions,
+                           killed_at=killed_at, reports=reports, victim_log=(tmp / "victim.log").read_text())
+
+
+def test_the_flow_trains_in_two_processes_and_evaluates_the_model(two_processes):
+    run = two_processes
+    log = run.victim_log
+    assert "starting 2 training processes with torchrun" in log
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"cpu, float32, 2 process(es), {threads} threads" in log  # rank 0's lines reach the run's log
+    assert re.search(r"step +0 \| loss", log)
+
+    manifest = run.store.manifest("train", run.versions["train"])
+    stats = manifest["stats"]
+    assert manifest["config"]["train"]["processes"] == 2  # in the version: it changes the weights
+    assert stats["steps"] == 12 and stats["tokens_seen"] == 12 * 2 * 4 * 32  # both ranks' windows
+    folder = run.store.path("train", run.versions["train"])
+    assert {p.name for p in folder.iterdir()} >= {"model.pt", "best.pt", "metrics.jsonl", "loss.png",
+                                                  "checkpoints", "manifest.json", "report.md"}
+    assert not list(run.store.root.glob("train/.tmp-*")), "work or build folders left behind"
+    evaluated = run.store.manifest("evaluate", run.versions["evaluate"])["stats"]
+    assert evaluated["checkpoint_step"] == 12 and math.isfinite(evaluated["loss"])
+    assert [r["step"] for r in evaluated["curve"]] == [4, 8, 12]
+
+    # progress came back from rank 0: throttled reports, then the final one at 100%
+    train_reports = [(pct, text) for stage, pct, text in run.reports if stage == "train"]
+    assert train_reports[-1][0] == 100 and "loss" in train_reports[-1][1]
+    assert len(train_reports) >= 2
+
+
+def test_one_process_gives_an_artifact_of_the_same_shape(two_processes):
+    from flows.flow import corpus_to_model
+
+    run = two_processes
+    one = corpus_to_model(config="configs/demo.toml", overrides={**run.overrides, "train.processes": 1},
+                          stages=["train"])
+    assert one["train"] != run.versions["train"]
+    two_dir, one_dir = (run.store.path("train", v) for v in (run.versions["train"], one["train"]))
+    assert sorted(p.relative_to(two_dir).as_posix() for p in two_dir.rglob("*")) == \
+        sorted(p.relative_to(one_dir).as_posix() for p in one_dir.rglob("*"))
+    two_stats, one_stats = (run.store.manifest("train", v)["stats"] for v in (run.versions["train"], one["train"]))
+    assert two_stats.keys() == one_stats.keys()
+    assert two_stats["tokens_seen"] == 2 * one_stats["tokens_seen"]  # the global batch doubles
+    headings = [[line for line in (d / "report.md").read_text().splitlines() if line.startswith("#")][1:]
+                for d in (two_dir, one_dir)]
+    assert headings[0] == headings[1]
+
+
+def test_a_killed_two_process_run_resumes_to_the_uninterrupted_weights(two_processes):
+    from flows.flow import corpus_to_model
+
+    run = two_processes
+    stats = run.store.manifest("train", run.versions["train"])["stats"]
+    assert stats["resumed_from"].endswith(run.killed_at) and stats["steps"] == 12
+    resumed = torch.load(run.store.path("train", run.versions["train"]) / "model.pt", weights_only=True)
+    # the same version in one go (dropout on: every rank's RNG must be restored too)
+    again = corpus_to_model(config="configs/demo.toml", overrides=run.overrides, stages=["train"], force=True)
+    assert again["train"] == run.versions["train"]
+    assert run.store.manifest("train", again["train"])["stats"]["resumed_from"] is None
+    fresh = torch.load(run.store.path("train", again["train"]) / "model.pt", weights_only=True)
+    assert all(torch.equal(fresh["model"][k], resumed["model"][k]) for k in fresh["model"])
+    assert len(fresh["rng"]) == 2  # one RNG state per rank
+
+
+def test_a_failing_rank_fails_the_stage_with_its_rank_and_last_lines(two_processes, hooks, monkeypatch):
+    from flows.flow import corpus_to_model
+
+    run = two_processes
+    monkeypatch.setenv("PYTHONPATH", hooks)
+    monkeypatch.setenv("C2M_TEST_RANK", "fail:1")
+    with pytest.raises(Exception) as failed:
+        corpus_to_model(config="configs/demo.toml", overrides=run.overrides, stages=["train"], force=True)
+    message = str(failed.value)
+    assert message.startswith("training failed in rank 1 of 2: RuntimeError: injected failure in rank 1")
+    assert "its last lines:" in message and "raise RuntimeError" in message  # rank 1's traceback
+    wait_until_gone(run.store.root, timeout=10)

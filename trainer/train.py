@@ -10,7 +10,8 @@ and a final model.pt that loads with `torch.load(weights_only=True)`.
 
     python -m trainer.train --shards 'shards/train_*.bin' --vocab-size 4096 --out run \\
         [--val-shards 'shards/val_*.bin'] [--set batch_size=32 --set dtype=float32] [--resume]
-    torchrun --nproc_per_node=2 -m trainer.train ...   # the same, data-parallel (DDP)
+    python -m trainer.train ... --set processes=2      # data-parallel (DDP): starts torchrun itself
+    torchrun --nproc_per_node=2 -m trainer.train ...   # the same, or across machines (--nnodes)
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 import tomllib
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, ClassVar, Literal
 
@@ -35,7 +38,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import perf
+from trainer import launch, perf
 from trainer.data import EpochLoader, Shards
 from trainer.model import GPT, GPTConfig, load_model
 
@@ -55,6 +58,11 @@ class TrainConfig:
     # optimisation
     batch_size: int = Field(16, ge=1, le=1 << 16, description="windows per micro-step per process")
     grad_accum_steps: int = Field(1, ge=1, le=1 << 16, description="micro-steps per optimizer step")
+    processes: int = Field(1, ge=1, le=4096, description=(
+        "data-parallel processes (DDP ranks); above 1 the train stage starts them on this machine "
+        "with torchrun (CPU: gloo, threads split between them; CUDA: one GPU each). Versioned: the "
+        "global batch is batch_size x grad_accum_steps x processes and each process draws its own "
+        "windows, so the weights differ"))
     max_steps: int = Field(2000, ge=1, description="optimizer steps")
     learning_rate: float = Field(1e-3, gt=0, le=1)
     min_lr: float = Field(1e-4, ge=0, le=1, description="where the schedule ends; at most learning_rate")
@@ -75,7 +83,7 @@ class TrainConfig:
         "torch.compile, eager fallback if it fails; a one-off cost (~80 s cold on 2 cores)"))
     seed: int = Field(1337, ge=0)
     log_every: int = Field(50, ge=1, description="steps between metrics lines")
-    threads: int = Field(0, ge=0, le=1024, description="torch threads per process; 0 = all cores")
+    threads: int = Field(0, ge=0, le=1024, description="torch threads per process; 0 = cores / processes")
     # checkpoints and validation
     checkpoint_every: int = Field(500, ge=0, description=(
         "steps between checkpoints, each scored on the val set; 0 = final only"))
@@ -150,11 +158,13 @@ def _setup(cfg: TrainConfig) -> tuple[torch.device, str, str, int, int]:
     device = perf.resolve_device(cfg.device)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world != cfg.processes:
+        raise ValueError(f"train.processes is {cfg.processes}, but torchrun started {world} processes "
+                         f"(WORLD_SIZE); set processes = {world}")
     if world > 1 and not dist.is_initialized():  # started by torchrun
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":  # the cores this process may use (container limits), split between ranks
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(cfg.threads or max(1, cores // world))
+        torch.set_num_threads(cfg.threads or max(1, launch.cores() // world))
     else:
         device = torch.device(f"cuda:{local_rank}")
         torch.cuda.set_device(local_rank)
@@ -196,6 +206,16 @@ def _rng_state() -> dict:
             # as a tensor: weights_only loading refuses numpy arrays
             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _rng_states(world: int) -> list[dict] | None:
+    """Every rank's RNG state, gathered on rank 0 (None on the others)."""
+    state = _rng_state()
+    if world == 1:
+        return [state]
+    gathered = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(state, gathered, dst=0)
+    return gathered
 
 
 def _set_rng_state(state: dict) -> None:
@@ -305,7 +325,13 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     on_progress: called (rank 0 only) at every metrics line and once at the end with
     {"unit": "step", "done", "total" (max_steps), "loss", "tokens_per_s", "elapsed_s",
     "eta_s"}; the last call has done == total and eta_s == 0 unless stopped early.
+    cfg.processes > 1: started by torchrun, this is one of the processes; otherwise it starts
+    them with torchrun (trainer.launch) and returns rank 0's result.
     """
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch.launch(train_shards, vocab_size, cfg, out_dir, log, val_shards=val_shards,
+                             val_tokens_per_byte=val_tokens_per_byte, init_from=init_from,
+                             resume=resume, stop_after=stop_after, on_progress=on_progress)
     device, dtype, dtype_reason, rank, world = _setup(cfg)
     if rank != 0:
         log = lambda _: None  # noqa: E731  only rank 0 speaks and writes
@@ -374,9 +400,13 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(saved["loader"])
-        _set_rng_state(saved["rng"])  # rank 0's: the other ranks need dropout masks of their own
-        if rank:
-            torch.manual_seed(cfg.seed + rank + saved["step"])
+        rngs = saved["rng"] if isinstance(saved["rng"], list) else [saved["rng"]]  # older: rank 0's
+        if len(rngs) == world:  # each rank's own: dropout masks go on as if never stopped
+            _set_rng_state(rngs[rank])
+        else:  # another number of processes: rank 0's, and masks of their own for the others
+            _set_rng_state(rngs[0])
+            if rank:
+                torch.manual_seed(cfg.seed + rank + saved["step"])
         start, tokens_seen, best_val_loss = saved["step"], saved["tokens_seen"], saved["best_val_loss"]
         loss_sum, loss_n = saved["loss_window"][0].to(device), saved["loss_window"][1]
         records = saved["records"]  # the lines written after the checkpoint are dropped
@@ -416,11 +446,11 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
             + (f" | {record['val_bits_per_byte']:.3f} bits/byte" if val_tokens_per_byte else ""))
         return record
 
-    def checkpoint(done: int) -> dict:
+    def checkpoint(done: int, rng: list[dict]) -> dict:
         return {"model": raw_model.state_dict(),  # the plain GPT: no "_orig_mod."/"module." prefixes
                 "model_config": asdict(model_config), "train_config": asdict(cfg),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": done,
-                "tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": _rng_state(),
+                "tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rng,
                 "best_val_loss": best_val_loss, "loss_window": [loss_sum.cpu(), loss_n],
                 "records": records,  # metrics.jsonl so far, to rewrite it on resume
                 "parent": str(init_from) if init_from else None}
@@ -501,17 +531,18 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
 
             if done == cfg.max_steps or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0):
                 t_pause = time.perf_counter()
+                improved = False
+                if rank == 0 and val_data is not None:
+                    val = validate(step)
+                    records.append(val)
+                    metrics.write(json.dumps(val) + "\n")
+                    metrics.flush()
+                    val_loss = val["val_loss"]
+                    improved = best_val_loss is None or val_loss < best_val_loss
+                    best_val_loss = val_loss if improved else best_val_loss
+                rng = _rng_states(world)  # a collective: every rank's state, on rank 0
                 if rank == 0:
-                    improved = False
-                    if val_data is not None:
-                        val = validate(step)
-                        records.append(val)
-                        metrics.write(json.dumps(val) + "\n")
-                        metrics.flush()
-                        val_loss = val["val_loss"]
-                        improved = best_val_loss is None or val_loss < best_val_loss
-                        best_val_loss = val_loss if improved else best_val_loss
-                    state = checkpoint(done)
+                    state = checkpoint(done, rng)
                     if cfg.checkpoint_every:
                         _save(state, ckpt_dir / f"step_{done:07d}.pt")
                         for old in sorted(ckpt_dir.glob("step_*.pt"))[:-max(cfg.keep_last, 1)]:
@@ -576,23 +607,34 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
 def main(argv: list[str] | None = None) -> None:
     """Command line entry; under torchrun every process runs this and joins the group."""
     p = argparse.ArgumentParser(prog="python -m trainer.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="glob of train shards, e.g. 'shards/train_*.bin'")
-    p.add_argument("--val-shards", help="glob of val shards, scored at each checkpoint")
+    p.add_argument("--shards", nargs="+", required=True, metavar="GLOB",
+                   help="train shards: files or globs, e.g. 'shards/train_*.bin'")
+    p.add_argument("--val-shards", nargs="+", metavar="GLOB", help="val shards, scored at each checkpoint")
     p.add_argument("--val-tokens-per-byte", type=float, help="val tokens / val bytes: adds bits per byte")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a TrainConfig field")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a TrainConfig field; under torchrun, processes defaults to its WORLD_SIZE")
     p.add_argument("--init-from", type=Path, help="model.pt to fine-tune")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--stop-after", type=int, metavar="STEPS",
+                   help="stop once this many steps are done, resumable with --resume")
+    p.add_argument("--json-lines", action="store_true",
+                   help="print log lines, progress and the result as JSON lines (for trainer.launch)")
     args = p.parse_args(argv)
+    if args.json_lines and os.environ.get(launch.PARENT_PID) and "WORLD_SIZE" in os.environ:
+        launch.die_with_parent(int(os.environ[launch.PARENT_PID]))  # never outlive torchrun
 
-    def shards(pattern: str) -> list[Path]:
-        paths = sorted(Path(x) for x in glob.glob(pattern))
-        if not paths:
-            p.error(f"no files match {pattern!r}")
+    def shards(patterns: list[str]) -> list[Path]:
+        paths = []
+        for pattern in patterns:
+            found = sorted(Path(x) for x in glob.glob(pattern))
+            if not found:
+                p.error(f"no files match {pattern!r}")
+            paths += found
         return paths
 
-    values = {}
+    values = {"processes": int(os.environ.get("WORLD_SIZE", 1))}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
@@ -606,11 +648,26 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         p.error("; ".join(f"--set {'.'.join(map(str, e['loc'])) or '(together)'}: "
                           + e["msg"].removeprefix("Value error, ") for e in exc.errors()))
-    result = train(shards(args.shards), args.vocab_size, cfg, args.out,
-                   val_shards=shards(args.val_shards) if args.val_shards else None,
-                   val_tokens_per_byte=args.val_tokens_per_byte, init_from=args.init_from,
-                   resume=args.resume)
-    if int(os.environ.get("RANK", 0)) == 0:
+
+    def emit(kind: str, value) -> None:  # one write: the ranks share the launcher's pipe
+        sys.stdout.write(json.dumps({kind: value}) + "\n")
+        sys.stdout.flush()
+
+    try:
+        result = train(shards(args.shards), args.vocab_size, cfg, args.out,
+                       log=partial(emit, "log") if args.json_lines else print,
+                       val_shards=shards(args.val_shards) if args.val_shards else None,
+                       val_tokens_per_byte=args.val_tokens_per_byte, init_from=args.init_from,
+                       resume=args.resume, stop_after=args.stop_after,
+                       on_progress=partial(emit, "progress") if args.json_lines else None)
+    except Exception as exc:
+        if args.json_lines:  # when: the launcher names the rank that failed first
+            emit("failed", {"rank": int(os.environ.get("RANK", 0)), "error": f"{type(exc).__name__}: {exc}",
+                            "time": time.time()})
+        raise
+    if int(os.environ.get("RANK", 0)) == 0 and args.json_lines:
+        emit("result", result)
+    elif int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(result))
     if dist.is_initialized():
         dist.destroy_process_group()
