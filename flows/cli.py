@@ -200,8 +200,10 @@ def compare(configs: list[str] = typer.Argument(..., help="two or more config fi
             seeds: int = typer.Option(2, help="training seeds per variant (2 or more for a verdict)"),
             set_: list[str] = typer.Option([], "--set", callback=_key_values,
                                            help="override for every variant, e.g. --set train.max_steps=300")):
-    """Train the same model on each data variant (once per seed) and compare their eval
-    bits per byte: a table, the curves overlaid, and a verdict (the `compare` artifact).
+    """Did a data change help? Train on each variant and compare eval bits per byte.
+
+    Each variant trains the same model once per seed; the `compare` artifact has a table,
+    the eval curves overlaid, and a verdict.
 
     Stages two runs share are built once; the variants must train the same model shape on
     the same token budget. Runs in this process, like `c2m run`."""
@@ -235,8 +237,10 @@ def config_(config: str = typer.Option("configs/demo.toml", help="TOML config (o
 def up(pool: Optional[str] = typer.Option(
         None, "--pool", help="run the deployments through a process worker of this work pool "
                              "(created if absent) instead of the serve process")):
-    """Start the local Prefect server and the process running the deployments: the serve
-    process, or with --pool a `prefect worker start --pool NAME` (one of the two at a time).
+    """Start the local Prefect server and the process running the deployments.
+
+    The serve process, or with --pool a `prefect worker start --pool NAME` (one of the two
+    at a time).
 
     The server keeps its database where PREFECT_API_DATABASE_CONNECTION_URL says
     (e.g. postgresql+asyncpg://user:password@host:5432/prefect), else SQLite under .c2m/."""
@@ -258,8 +262,9 @@ def status():
 
 @app.command()
 def demo(root: str = ROOT_OPTION):
-    """Serve the deployments and run corpus-to-model/demo end to end through the server (through
-    the work pool's worker when `c2m up --pool` started one)."""
+    """Serve the deployments and run corpus-to-model/demo end to end through the server.
+
+    Through the work pool's worker when `c2m up --pool` started one."""
     server.start(pool=server.pool())
     typer.echo("$ prefect deployment run corpus-to-model/demo   (here through the Prefect client, "
                "with the stages' progress below)")
@@ -433,9 +438,11 @@ def why(doc: Optional[str] = typer.Argument(None, help="document id, or the sour
                                       help="STAGE=VERSION (repeatable); the other stages follow its lineage"),
         json_: bool = typer.Option(False, "--json", help="print JSON"),
         root: str = ROOT_OPTION):
-    """A document's path through a run: each stage's verdict (kept, dropped and why,
-    duplicate of which document), its length there, and the shard and token range of
-    its tokens. Or, with --sample REASON, a few documents dropped for that reason.
+    """Why a document was kept or dropped, stage by stage.
+
+    Each stage's verdict (kept, dropped and why, duplicate of which document), its length
+    there, and the shard and token range of its tokens. Or, with --sample REASON, a few
+    documents dropped for that reason.
 
     Versions: a run's (--run), or pins and their lineage, else the newest consistent ones."""
     from flows import why as lineage_of  # pyarrow and sqlite: not needed by the other commands
