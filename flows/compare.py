@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import hashlib
 import json
 import statistics
 import time
@@ -27,7 +26,7 @@ from flows import report
 from flows.flow import corpus_to_model
 from flows.server import record_process
 from flows.config import Config, ConfigError, load_config, sections, versioned
-from flows.plan import config_changes, flatten
+from flows.plan import config_changes, flatten, show_value
 from flows.report import code, escape
 from flows.store import ArtifactStore, content_version
 
@@ -74,16 +73,12 @@ def config_diff(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
     return [line for line in config_changes(first, other) if not line.startswith(SEED_KEY + ":")]
 
 
-def _value(v: Any) -> str:
-    return json.dumps(v)
-
-
 def check_comparable(variants: list[Variant], cfgs: list[Config], seeds: int) -> None:
     """Raise ConfigError unless every variant trains the same shape on the same budget."""
     if not 1 <= seeds <= 16:
         raise ConfigError(f"--seeds {seeds}: should be 1 to 16 (2 or more for a verdict)")
     flats = [flatten(settings(c)) for c in cfgs]
-    problems = [f"{v.name} sets {k} = {_value(f[k])}, {variants[0].name} {_value(flats[0][k])}"
+    problems = [f"{v.name} sets {k} = {show_value(f[k])}, {variants[0].name} {show_value(flats[0][k])}"
                 for v, f in zip(variants[1:], flats[1:]) for k in SAME_IN_EVERY_VARIANT
                 if f[k] != flats[0][k]]
     roots = {c.run.artifacts for c in cfgs}
@@ -200,12 +195,11 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
 def compare_version(rows: list[dict]) -> str:
     """The comparison's content version: what was compared and the evaluate versions."""
-    from flows.stages import code_fingerprint
+    from flows.stages import source_hash
 
     config = [{"variant": r["variant"], "diff": r["diff"]} for r in rows]
     inputs = {f"{r['variant']}/{s['seed']}": s["versions"]["evaluate"] for r in rows for s in r["seeds"]}
-    code_version = hashlib.sha256(code_fingerprint(Path(__file__).read_text()).encode()).hexdigest()[:12]
-    return content_version("compare", {"variants": config}, code_version, inputs)
+    return content_version("compare", {"variants": config}, source_hash(Path(__file__).read_text()), inputs)
 
 
 def write_artifact(store: ArtifactStore, rows: list[dict], log=print) -> Path:
@@ -221,7 +215,8 @@ def write_artifact(store: ArtifactStore, rows: list[dict], log=print) -> Path:
         try:
             started = time.time()
             plot_curves(rows, tmp / "eval_curves.png")
-            markdown = render(rows, verdicts(rows), "eval_curves.png")
+            said = verdicts(rows)
+            markdown = render(rows, said, "eval_curves.png")
             (tmp / "report.md").write_text(markdown)
             (tmp / "rows.json").write_text(json.dumps(rows, indent=2))
             now = dt.datetime.now(dt.UTC).isoformat()
@@ -232,7 +227,7 @@ def write_artifact(store: ArtifactStore, rows: list[dict], log=print) -> Path:
                                    for r in rows for s in r["seeds"]},
                         "stats": {"variants": [{k: r[k] for k in ("variant", "diff", "docs_kept",
                                                                   "train_tokens", "mean", "low", "high")}
-                                               for r in rows], "verdicts": verdicts(rows)}}
+                                               for r in rows], "verdicts": said}}
             path = store.commit(tmp, lease, manifest)
         except BaseException:
             store.abort(tmp)
@@ -269,7 +264,7 @@ def compare(configs: list[str | dict[str, Any]], seeds: int = 2, base: str = "co
     path = write_artifact(store, rows, log=log.info)
     create_markdown_artifact(markdown=report.for_prefect((path / "report.md").read_text(), path),
                              key=REPORT_KEY, description=f"compare {path.name}")
-    for line in verdicts(rows):
+    for line in store.manifest("compare", path.name)["stats"]["verdicts"]:
         log.info(line.replace("**", ""))
     return {"compare": path.name, "report": str(path / "report.md"),
             "variants": {r["variant"]: {"mean": r["mean"], "spread": spread(r),

@@ -157,7 +157,7 @@ def _read(path: Path) -> dict:
     try:
         return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} not found") from None
+        raise ConfigError(f"config file {path} not found") from None  # a usage error: exit 2
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
@@ -174,7 +174,7 @@ def _layers(path: Path, below: tuple[Path, ...] = ()) -> typing.Iterator[tuple[s
         if base_path in below or base_path == path.resolve():
             raise ConfigError(f"{path}: extends {base} makes a loop ({' -> '.join(map(str, below))})")
         if not base_path.is_file():
-            raise FileNotFoundError(f"config file {base_path} not found (extends in {path})")
+            raise ConfigError(f"config file {base_path} not found (extends in {path})")
         yield from _layers(base_path, (*below, path.resolve()))
     for key, value in _leaves(tree):
         yield key, value, str(path)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flows.server import configure
+from flows.server import COMPARE_DEPLOYMENT, configure
 
 configure()
 
@@ -35,7 +35,7 @@ def specs(names: list[str]) -> list[tuple]:
     """(flow, deployment name, parameters, description) of every deployment."""
     configs = [(corpus_to_model, name, {"config": f"configs/{name}.toml"}, f"corpus-to-model with {name}.toml")
                for name in names]
-    return [*configs, (compare, "compare", {"configs": COMPARE_DEFAULT, "seeds": 2},
+    return [*configs, (compare, COMPARE_DEPLOYMENT, {"configs": COMPARE_DEFAULT, "seeds": 2},
                        "data variants side by side: -p configs='[\"a.toml\", \"b.toml\"]'")]
 
 

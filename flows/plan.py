@@ -149,11 +149,11 @@ def config_changes(old: dict, new: dict) -> list[str]:
     lines = []
     for key in sorted(set(before) | set(after)):
         if key not in before:
-            lines.append(f"{key}: added = {_show(after[key])}")
+            lines.append(f"{key}: added = {show_value(after[key])}")
         elif key not in after:
-            lines.append(f"{key}: removed (was {_show(before[key])})")
+            lines.append(f"{key}: removed (was {show_value(before[key])})")
         elif before[key] != after[key]:
-            lines.append(f"{key}: {_show(before[key])} -> {_show(after[key])}")
+            lines.append(f"{key}: {show_value(before[key])} -> {show_value(after[key])}")
     return lines
 
 
@@ -190,7 +190,7 @@ def _as_json(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _show(value, limit: int = 60) -> str:
+def show_value(value, limit: int = 60) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 

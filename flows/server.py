@@ -36,6 +36,7 @@ STATE = Path(os.environ.get("C2M_STATE", PROJECT_ROOT / ".c2m"))
 HOST = "127.0.0.1"
 PORT = int(os.environ.get("C2M_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"
+COMPARE_DEPLOYMENT = "compare"  # served beside one deployment per config (flows/deployments.py)
 RUNNERS = ("serve", "worker")   # what runs deployments' flow runs: one of the two at a time
 PROCESSES = (*RUNNERS, "server")  # stop order: the runner first, then the API it talks to
 OWNER = STATE / "server.owner"   # present while the server belongs to `c2m run`s, not to `c2m up`
@@ -227,7 +228,7 @@ def start(log=print, pool: str | None = None) -> None:
     if not _pid("serve"):
         _spawn("serve", [sys.executable, "-m", "flows.serve", *wanted])
         log(f"serving deployments (log: {STATE / 'serve.log'})")
-    serving = [*(_serving() or wanted), "compare"]  # a serve process that died: _wait says so
+    serving = [*(_serving() or wanted), COMPARE_DEPLOYMENT]  # a serve process that died: _wait says so
     _wait(lambda: all(deployment_ready(d) for d in serving), "serve", 90)
     log(f"ready: UI at http://{HOST}:{PORT}, deployments {', '.join(serving)}")
 

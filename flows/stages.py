@@ -23,7 +23,8 @@ from typing import Callable
 from tokenizers import Tokenizer
 
 from corpus import dedup, holdout, sources, tokenizer, toxicity
-from corpus.documents import is_val, merge_stats, process_partition, read_docs, read_texts, write_docs
+from corpus.documents import (is_val, merge_stats, open_partition, process_partition, read_docs, read_texts,
+                              write_docs)
 from corpus.extract import extract
 from corpus.filter import filter_docs
 from corpus.language import load_language_model
@@ -211,8 +212,6 @@ def eval_partitions(folder: Path) -> list[Path]:
 
 
 def _rows(part: Path) -> int:
-    from corpus.documents import open_partition
-
     return open_partition(part).metadata.num_rows
 
 

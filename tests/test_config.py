@@ -80,7 +80,7 @@ def test_every_bad_value_is_reported_at_once(tmp_path):
 
 
 def test_missing_and_broken_config_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.toml"):
+    with pytest.raises(ConfigError, match="nope.toml"):
         load_config(tmp_path / "nope.toml")
     (tmp_path / "broken.toml").write_text("[train\nmax_steps = 3\n")
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
@@ -145,5 +145,5 @@ def test_a_config_extends_another_and_overrides_it(tmp_path):
     with pytest.raises(ConfigError, match="makes a loop"):
         load_config(loop)
     (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
-    with pytest.raises(FileNotFoundError, match=r"gone.toml not found \(extends in"):
+    with pytest.raises(ConfigError, match=r"gone.toml not found \(extends in"):
         load_config(tmp_path / "orphan.toml")
