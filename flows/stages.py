@@ -14,7 +14,6 @@ import importlib.util
 import inspect
 import json
 import textwrap
-import threading
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -101,17 +100,24 @@ def module_source(name: str) -> str:
     return Path(spec.origin).read_text()
 
 
-# CPython 3.11's parser is not safe from several threads at once (python/cpython#106905:
-# "AST constructor recursion depth mismatch"), and Prefect runs tasks in threads
-_PARSING = threading.Lock()
+_PARSE_TRIES = 5
 
 
 def code_fingerprint(source: str) -> str:
     """What of Python source decides what it does: its syntax tree without docstrings.
     Comments, docstrings, blank lines and formatting are not in it, so editing them
     rebuilds nothing."""
-    with _PARSING:
-        tree = ast.parse(source)
+    for attempt in range(_PARSE_TRIES):
+        try:
+            tree = ast.parse(source)
+            break
+        except SystemError:
+            # CPython 3.11 counts AST-building depth per interpreter, not per thread
+            # (python/cpython#106905): a parse in another thread at the same moment (Prefect
+            # loading a flow, an import) fails this one with "AST constructor recursion
+            # depth mismatch". Nothing is wrong with the source: parse it again.
+            if attempt == _PARSE_TRIES - 1:
+                raise
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
         if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))

@@ -56,3 +56,29 @@ def test_a_comment_edit_keeps_the_stage_version_and_a_code_edit_changes_it(tmp_p
     assert stage.code_version() == before
     module.write_text(textwrap.dedent(STEP).replace("LIMIT = 200", "LIMIT = 100"))
     assert stage.code_version() != before
+
+
+def test_a_parse_spoiled_by_another_thread_is_retried(monkeypatch):
+    """CPython 3.11's "AST constructor recursion depth mismatch" (a parse racing another
+    thread's) is transient: the fingerprint parses again, and gives up only if it persists."""
+    import ast
+
+    from flows import stages
+
+    real, calls = ast.parse, []
+
+    def flaky(source, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=57, after=76)")
+        return real(source, *args, **kwargs)
+    monkeypatch.setattr(stages.ast, "parse", flaky)
+    assert stages.code_fingerprint("x = 1\n") == stages.ast.dump(real("x = 1\n"), annotate_fields=False,
+                                                                 include_attributes=False)
+    assert len(calls) == 2
+
+    def broken(source, *args, **kwargs):
+        raise SystemError("AST constructor recursion depth mismatch")
+    monkeypatch.setattr(stages.ast, "parse", broken)
+    with pytest.raises(SystemError):
+        stages.code_fingerprint("x = 1\n")
