@@ -4,6 +4,8 @@ from __future__ import annotations
 import importlib
 import textwrap
 
+import pytest
+
 from flows.stages import Stage, code_fingerprint
 
 STEP = '''\
@@ -67,7 +69,10 @@ def test_a_parse_spoiled_by_another_thread_is_retried(monkeypatch):
 
     real, calls = ast.parse, []
 
+    # only this test's source fails: the patched ast.parse is every caller's (pytest's too)
     def flaky(source, *args, **kwargs):
+        if source != "x = 1\n":
+            return real(source, *args, **kwargs)
         calls.append(1)
         if len(calls) == 1:
             raise SystemError("AST constructor recursion depth mismatch (before=57, after=76)")
@@ -78,6 +83,8 @@ def test_a_parse_spoiled_by_another_thread_is_retried(monkeypatch):
     assert len(calls) == 2
 
     def broken(source, *args, **kwargs):
+        if source != "x = 1\n":
+            return real(source, *args, **kwargs)
         raise SystemError("AST constructor recursion depth mismatch")
     monkeypatch.setattr(stages.ast, "parse", broken)
     with pytest.raises(SystemError):
