@@ -63,7 +63,7 @@ def data_stages(cfg, work: Path) -> dict:
         stats = stage.build(ctx)
         build = time.perf_counter() - started
         started = time.perf_counter()
-        indexed = index_documents(out, with_sources=not stage.inputs)
+        indexed = index_documents(out, out, with_sources=not stage.inputs)
         index = time.perf_counter() - started if indexed is not None else stats.get("index_seconds", 0.0)
         if indexed is None:
             build -= index  # the shard stage indexes as it writes: its build time includes it
@@ -107,7 +107,7 @@ def synthetic(n: int, work: Path) -> dict:
         pq.write_table(pa.table({"id": ids, "text": ["x"] * part}), folder / "docs" / f"part-{p:05d}.parquet")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    index_documents(folder)
+    index_documents(folder, folder)
     seconds = time.perf_counter() - started
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     probe = [hashlib.sha1(f"{random.randrange(n // part)}-{random.randrange(part)}".encode()).hexdigest()[:16]

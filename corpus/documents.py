@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from upath import UPath
 
 EXAMPLES_PER_REASON = 3
 EXAMPLE_CHARS = 300
@@ -52,9 +53,24 @@ def is_val(id_: str, val_fraction: float) -> bool:
     return hash_bucket(id_) < val_fraction * 2**64
 
 
+def as_path(path: str | Path) -> Path:
+    """A local path as a Path, any other fsspec URL ("s3://bucket/x") as a UPath: the same
+    pathlib API over whatever store holds the partitions."""
+    if isinstance(path, (Path, UPath)):
+        return path
+    return UPath(path) if "://" in str(path) else Path(path)
+
+
+def is_remote(path: Path) -> bool:
+    return not isinstance(path, Path)  # a UPath over an object store, not a local path
+
+
 def open_partition(path: str | Path) -> pq.ParquetFile:
+    path = as_path(path)
     try:
-        return pq.ParquetFile(path)
+        # a remote partition is fetched whole, one request: partitions are bounded by
+        # source.docs_per_partition, and Parquet's many small seeks cost a round trip each
+        return pq.ParquetFile(pa.BufferReader(path.read_bytes()) if is_remote(path) else path)
     except Exception as exc:  # pyarrow raises several types for bad files
         raise ValueError(f"{path}: not a readable Parquet partition ({exc}); "
                          "re-run the stage that wrote it with force") from exc
@@ -99,7 +115,13 @@ def write_docs(rows: list[dict], path: str | Path, columns: Iterable[str] | None
     names = list(columns or dict.fromkeys(k for row in rows for k in row))
     table = pa.table({k: pa.array([row.get(k) for row in rows], type=COLUMN_TYPES.get(k))
                       for k in names})
-    pq.write_table(table, path, compression="zstd")
+    path = as_path(path)
+    if is_remote(path):  # one PUT of the whole file: an object appears complete or not at all
+        buffer = pa.BufferOutputStream()
+        pq.write_table(table, buffer, compression="zstd")
+        path.write_bytes(buffer.getvalue().to_pybytes())
+    else:
+        pq.write_table(table, path, compression="zstd")
 
 
 def _truncate(text: str | None) -> str:
@@ -111,7 +133,7 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
                       **step_config: Any) -> dict:
     """Run `step` over one input partition; write kept docs to `out_dir/docs/<name>`
     and dropped ones to `out_dir/rejected/<name>`. Returns the partition's stats."""
-    in_path, out_dir = Path(in_path), Path(out_dir)
+    in_path, out_dir = as_path(in_path), as_path(out_dir)
     started = time.perf_counter()
     # the count comes from the file, not from what the step chose to read
     n_in = open_partition(in_path).metadata.num_rows

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from itertools import repeat
 from pathlib import Path
 
-import pyarrow.parquet as pq
+from corpus.documents import as_path, open_partition
 
 INDEX_FILE = "index.sqlite"
 FORMAT = "1"
@@ -81,22 +81,24 @@ def document_partitions(folder: Path) -> list[str]:
             for p in sorted((folder / sub).glob("part-*.parquet"))]
 
 
-def index_documents(folder: str | Path, with_sources: bool = False) -> float | None:
-    """Write `folder/index.sqlite` for a document stage's version folder (one holding
-    docs/ and/or rejected/ partitions); `with_sources` also indexes the `source` column.
-    Returns the seconds it took, None if the folder is not a document stage's."""
-    folder = Path(folder)
-    if not any((folder / sub).is_dir() for sub in DOCUMENT_FOLDERS):
+def index_documents(folder: str | Path, out: Path, with_sources: bool = False) -> float | None:
+    """Write `out/index.sqlite` (a local folder: SQLite writes local files) for a document
+    stage's version `folder` (local or an fsspec URL, holding docs/ and/or rejected/
+    partitions); `with_sources` also indexes the `source` column. Returns the seconds it
+    took, None if the folder is not a document stage's."""
+    folder = as_path(folder)
+    partitions = document_partitions(folder)
+    if not partitions:
         return None
     started = time.perf_counter()
-    db = _create(folder / INDEX_FILE, "documents", DOCUMENTS_SCHEMA)
+    db = _create(Path(out) / INDEX_FILE, "documents", DOCUMENTS_SCHEMA)
     try:
-        for file_no, rel in enumerate(document_partitions(folder)):
+        for file_no, rel in enumerate(partitions):
             db.execute("INSERT INTO files VALUES (?, ?)", (file_no, rel))
             rejected = rel.startswith("rejected/")
             columns = ["id", *(["reason"] if rejected else []), *(["source"] if with_sources else [])]
             row = 0
-            for batch in pq.ParquetFile(folder / rel).iter_batches(batch_size=READ_ROWS, columns=columns):
+            for batch in open_partition(folder / rel).iter_batches(batch_size=READ_ROWS, columns=columns):
                 ids = batch.column("id").to_pylist()
                 reasons = batch.column("reason").to_pylist() if rejected else repeat(None)
                 sources = batch.column("source").to_pylist() if with_sources else repeat(None)
@@ -136,11 +138,12 @@ class Entry:
 
 
 class DocumentIndex:
-    """A document stage's index, opened read-only."""
+    """A document stage's index, opened read-only: `index` is a local copy of the
+    version's index.sqlite (default: the one in `folder`), `folder` the version itself."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        self._db = _open(self.folder / INDEX_FILE, "documents")
+    def __init__(self, folder: str | Path, index: Path | None = None):
+        self.folder = as_path(folder)
+        self._db = _open(index or self.folder / INDEX_FILE, "documents")
         self._files = dict(self._db.execute("SELECT file, path FROM files"))
 
     def _entries(self, sql: str, args: tuple) -> list[Entry]:
@@ -174,7 +177,7 @@ class DocumentIndex:
 
 
 def read_row(path: Path, row: int, columns: list[str]) -> dict:
-    pf = pq.ParquetFile(path)
+    pf = open_partition(path)
     present = [c for c in columns if c in pf.schema_arrow.names]
     for group in range(pf.num_row_groups):
         rows = pf.metadata.row_group(group).num_rows
@@ -249,6 +252,7 @@ class TokenSpan:
 
 class TokenIndex:
     def __init__(self, folder: str | Path):
+        """`folder`: a local folder holding the shard stage's index.sqlite."""
         self.folder = Path(folder)
         self._db = _open(self.folder / INDEX_FILE, "tokens")
 

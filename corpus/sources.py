@@ -39,7 +39,7 @@ from warcio.statusandheaders import StatusAndHeadersParser, StatusAndHeadersPars
 from pydantic import ConfigDict, Field, model_validator
 from pydantic.dataclasses import dataclass
 
-from corpus.documents import doc_id, write_docs
+from corpus.documents import as_path, doc_id, write_docs
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ def write_partitions(docs: Iterable[dict], out_dir: str | Path,
     sources, and if `out_dir` already holds partitions."""
     if docs_per_partition < 1:
         raise ValueError(f"docs_per_partition must be at least 1, got {docs_per_partition}")
-    out = Path(out_dir)
+    out = as_path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stale = sorted(out.glob("part-*.parquet"))
     if stale:

@@ -211,14 +211,14 @@ def write_artifact(store: ArtifactStore, rows: list[dict], log=print) -> Path:
     with store.lease("compare", version, log=log) as lease:
         if store.exists("compare", version):
             return store.path("compare", version)
-        tmp = store.begin(lease)
+        build = store.begin(lease)
         try:
             started = time.time()
-            plot_curves(rows, tmp / "eval_curves.png")
+            plot_curves(rows, build.local / "eval_curves.png")
             said = verdicts(rows)
             markdown = render(rows, said, "eval_curves.png")
-            (tmp / "report.md").write_text(markdown)
-            (tmp / "rows.json").write_text(json.dumps(rows, indent=2))
+            (build.local / "report.md").write_text(markdown)
+            (build.local / "rows.json").write_text(json.dumps(rows, indent=2))
             now = dt.datetime.now(dt.UTC).isoformat()
             manifest = {"code_version": "", "config": {}, "identity": {}, "started": now, "finished": now,
                         "duration_s": round(time.time() - started, 3),
@@ -228,9 +228,9 @@ def write_artifact(store: ArtifactStore, rows: list[dict], log=print) -> Path:
                         "stats": {"variants": [{k: r[k] for k in ("variant", "diff", "docs_kept",
                                                                   "train_tokens", "mean", "low", "high")}
                                                for r in rows], "verdicts": said}}
-            path = store.commit(tmp, lease, manifest)
+            path = store.commit(build, manifest)
         except BaseException:
-            store.abort(tmp)
+            store.abort(build)
             raise
     log(f"compare: wrote {path}")
     return path

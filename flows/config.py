@@ -17,6 +17,7 @@ import difflib
 import functools
 import inspect
 import json
+import os
 import tomllib
 import typing
 from pathlib import Path
@@ -39,6 +40,8 @@ if typing.TYPE_CHECKING:  # the section classes are imported on first use, see s
     from trainer.train import TrainConfig
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# c2m's own files: the server's state, logs, the local cache of a remote artifact store
+STATE = Path(os.environ.get("C2M_STATE", PROJECT_ROOT / ".c2m"))
 DEFAULTS = PROJECT_ROOT / "configs" / "defaults.toml"
 STRICT = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
 

@@ -33,7 +33,7 @@ from flows.config import load_config
 from flows.plan import Plan, Step, plan_run
 from flows.progress import StageProgress
 from flows.server import record_process
-from flows.stages import ORDER, STAGES, StageContext, select_stages
+from flows.stages import ORDER, PARTITIONED, STAGES, StageContext, select_stages
 from flows.store import ArtifactStore
 
 
@@ -111,18 +111,21 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
     stage, store, version = STAGES[name], plan.store, lease.version
     store.gc(name, keep_work=True, log=lambda m: log.info(f"{name}: {m}"), holding=lease)
     log.info(f"{name}: building {name}/{version}")
-    tmp = store.begin(lease)
+    build = store.begin(lease)
     work = store.work_dir(name, version)  # the lease holder's alone
     if plan.force:
         shutil.rmtree(work, ignore_errors=True)  # forced: start over, do not resume
     started = time.time()
     try:
-        ctx = StageContext(cfg=plan.cfg, inputs={k: r.path for k, r in inputs.items()},
+        # partitions are read where they are; other files need a local copy
+        ctx = StageContext(cfg=plan.cfg, inputs={k: r.path if k in PARTITIONED else store.local(r.stage, r.version)
+                                                 for k, r in inputs.items()},
                            manifests={k: store.manifest(r.stage, r.version) for k, r in inputs.items()},
-                           out=tmp, log=log.info, work=work, progress=StageProgress(name),
-                           identity=identity)
+                           out=build.out, local_out=build.local, log=log.info, work=work,
+                           progress=StageProgress(name), identity=identity)
         stats = stage.build(ctx)
-        indexed = index_documents(tmp, with_sources=not stage.inputs)  # id -> partition, row: `c2m why`
+        # id -> partition, row: `c2m why`
+        indexed = index_documents(build.out, build.local, with_sources=not stage.inputs)
         if indexed is not None:
             stats["index_seconds"] = round(indexed, 3)
         finished = time.time()
@@ -135,12 +138,12 @@ def _build(name: str, plan: Plan, inputs: dict[str, Ref], lease, sections: dict,
             "finished": dt.datetime.fromtimestamp(finished, dt.UTC).isoformat(),
             "duration_s": round(finished - started, 3), "stats": stats, "built_by": _built_by(),
         }
-        markdown = report.render(manifest, tmp)
-        (tmp / "report.md").write_text(markdown)
-        path = store.commit(tmp, lease, manifest)
+        markdown = report.render(manifest, build.local)
+        (build.local / "report.md").write_text(markdown)
+        path = store.commit(build, manifest)
         shutil.rmtree(work, ignore_errors=True)
     except BaseException:
-        store.abort(tmp)  # nothing half-written is left where a later stage could read it
+        store.abort(build)  # nothing half-written is left where a later stage could read it
         raise
     log.info(f"{name}: wrote {path} in {finished - started:.1f} s")
     return Ref(name, version, path)

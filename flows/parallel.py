@@ -60,8 +60,10 @@ def client(dask_cfg: DaskConfig):
                                    local_directory=str(scratch),
                                    dashboard_address=":0")  # a free port: runs may overlap
             _client = Client(cluster)
-        # the flow logs prints: it shows in the run's log (bokeh, a dependency, serves it)
-        print(f"Dask dashboard: {_client.dashboard_link}")
+        # the flow logs prints: it shows in the run's log (bokeh, a dependency, serves it);
+        # an existing cluster may run without one
+        if "dashboard" in _client.scheduler_info().get("services", {}):
+            print(f"Dask dashboard: {_client.dashboard_link}")
     return _client
 
 

@@ -316,7 +316,7 @@ def for_prefect(markdown: str, folder: Path) -> str:
                 and len(opened.group(1)) >= len(fence) and not line.strip().strip(fence[0]):
             fence = None
         elif fence is None:
-            line = _IMAGE.sub(lambda m: _embed(m, Path(folder)), line)
+            line = _IMAGE.sub(lambda m: _embed(m, folder), line)
         out.append(line)
     return "\n".join(out)
 

@@ -30,9 +30,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from flows.config import DEFAULTS, PROJECT_ROOT
-
-STATE = Path(os.environ.get("C2M_STATE", PROJECT_ROOT / ".c2m"))
+from flows.config import DEFAULTS, PROJECT_ROOT, STATE
 HOST = "127.0.0.1"
 PORT = int(os.environ.get("C2M_PORT", "4200"))
 API_URL = f"http://{HOST}:{PORT}/api"

@@ -1,8 +1,12 @@
 """The DAG as data: each stage's inputs, config sections, code, and how it is built.
 
-A build function gets a StageContext (config, input artifact folders, a temporary output
-folder) and calls the pure code in corpus/ or trainer/, mapping partitions over Dask
-where the stage is per-document. It returns the stats that go into the manifest.
+A build function gets a StageContext (config, input artifact folders, where to write)
+and calls the pure code in corpus/ or trainer/, mapping partitions over Dask where the
+stage is per-document. It returns the stats that go into the manifest.
+
+Parquet partitions are read and written where the store keeps them (a local folder or an
+fsspec URL: Dask workers elsewhere reach them by URL); every other file is read from and
+written to local folders (tokenizers, numpy and torch need local files).
 """
 from __future__ import annotations
 
@@ -37,9 +41,12 @@ from flows.store import ArtifactStore
 @dataclass
 class StageContext:
     cfg: Config                    # the whole run config
-    inputs: dict[str, Path]        # input stage -> its artifact folder
+    # input stage -> its version: where it lives for PARTITIONED stages, else a local copy
+    inputs: dict[str, Path]
     manifests: dict[str, dict]     # input stage -> its manifest
-    out: Path                      # temporary folder the stage writes into
+    out: Path                      # where the version's partitions go (any fsspec location)
+    # a local folder for every other file the stage writes; None: out is local, use it
+    local_out: Path | None = None
     log: Callable[[str], None] = print
     # scratch that survives a failed or killed run of this stage version (train's
     # checkpoints), so re-running it resumes; removed once the artifact is complete
@@ -48,6 +55,9 @@ class StageContext:
     progress: Callable[[dict], None] = lambda info: None  # noqa: E731
     # the stage's identity as its version has it (computed once per run); None: compute it
     identity: dict | None = None
+
+    def __post_init__(self):
+        self.local_out = self.local_out or self.out
 
 
 @dataclass(frozen=True)
@@ -323,9 +333,9 @@ def model_artifact(ref: str, artifacts: str | Path) -> dict:
     # the model's tokenizer comes with it: token ids mean nothing under another vocabulary
     tokenizer_version = dict(store.lineage("train", version))["tokenizer"]
     return {"version": version, "sha256": manifest["files"]["model.pt"]["sha256"],
-            "model": store.path("train", version) / "model.pt",
+            "model": store.local("train", version, ["model.pt"]) / "model.pt",
             "tokenizer_version": tokenizer_version,
-            "tokenizer": store.path("tokenizer", tokenizer_version) / "tokenizer.json"}
+            "tokenizer": store.local("tokenizer", tokenizer_version, ["tokenizer.json"]) / "tokenizer.json"}
 
 
 def parent_model(cfg: Config) -> dict | None:
@@ -362,7 +372,7 @@ def build_tokenizer(ctx: StageContext) -> dict:
         # trained on the train split only, so the held-out figure is honest
         train_texts = (text for id_, text in read_texts(parts) if not is_val(id_, val_fraction))
         tok = tokenizer.train_bpe(train_texts, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
-    tok.save(str(ctx.out / "tokenizer.json"))
+    tok.save(str(ctx.local_out / "tokenizer.json"))
     heldout = tokenizer.bytes_per_token(
         tok, (text for id_, text in read_texts(parts) if is_val(id_, val_fraction)))
     short = None
@@ -377,7 +387,7 @@ def build_tokenizer(ctx: StageContext) -> dict:
 def build_shard(ctx: StageContext) -> dict:
     tok = Tokenizer.from_file(str(ctx.inputs["tokenizer"] / "tokenizer.json"))
     splits = write_token_shards(
-        read_texts(partitions(ctx.inputs["dedup"])), tok, ctx.out,
+        read_texts(partitions(ctx.inputs["dedup"])), tok, ctx.local_out,
         shard_tokens=ctx.cfg.shard.shard_tokens, val_fraction=ctx.cfg.split.val_fraction)
     return {"vocab_size": tok.get_vocab_size(), **splits}
 
@@ -398,7 +408,7 @@ def build_train(ctx: StageContext) -> dict:
                   init_from=parent["model"] if parent else None, resume=True,
                   on_progress=ctx.progress)
     for item in ctx.work.iterdir():
-        item.rename(ctx.out / item.name)
+        item.rename(ctx.local_out / item.name)
     if parent:
         stats["parent"] = {"version": parent["version"], "path": str(parent["model"])}
     return stats
@@ -422,17 +432,17 @@ def build_evaluate(ctx: StageContext) -> dict:
     # the eval set, in this run's tokens: bits per byte compare across tokenizers and filters
     tok_path = ctx.inputs["tokenizer"] / "tokenizer.json"
     held = write_document_tokens(read_texts(eval_partitions(ctx.inputs["holdout"])),
-                                 Tokenizer.from_file(str(tok_path)), ctx.out, "eval")
+                                 Tokenizer.from_file(str(tok_path)), ctx.local_out, "eval")
     eval_curve = heldout_curve([*earlier, ctx.inputs["train"] / "model.pt"],
-                               [ctx.out / name for name in held["shards"]], tok_path, e.batch_size)
+                               [ctx.local_out / name for name in held["shards"]], tok_path, e.batch_size)
     trained = ctx.manifests["train"]["stats"]
     for record in eval_curve:  # tokens seen in training by that checkpoint
         record["tokens_seen"] = record["step"] * trained["tokens_seen"] // max(trained["steps"], 1)
     metrics["eval"] = {**eval_curve[-1], "docs": held["docs"], "eval_set_bytes": held["bytes"],
                        "curve": eval_curve}
-    plot_curve(curve, ctx.out / "val_curve.png", metrics["compressors"], eval_curve)
+    plot_curve(curve, ctx.local_out / "val_curve.png", metrics["compressors"], eval_curve)
     metrics["curve"] = curve
-    (ctx.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (ctx.local_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
@@ -459,6 +469,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
 ]}
 ORDER = list(STAGES)
 DOCUMENT_STAGES = ("extract", "normalize", "holdout", "filter", "dedup")
+PARTITIONED = ("source", *DOCUMENT_STAGES)  # artifacts of Parquet partitions, read where they are
 
 
 def select_stages(stages: list[str] | None = None, from_stage: str | None = None) -> list[str]:

@@ -1,14 +1,22 @@
-"""The artifact store: `<root>/<stage>/<version>/` folders, written atomically.
+"""The artifact store: `<root>/<stage>/<version>/` on a local folder or any fsspec URL.
 
 A version is a content hash of the stage name, its config, its code version and the
 versions of its inputs, so the same inputs and config give the same version and the
-stage can be skipped. A version folder is complete exactly when it has manifest.json:
-a stage writes into a temporary sibling and renames it into place at the end.
+stage can be skipped. A version is complete exactly when it has manifest.json, written
+last: the manifest is the commit marker, and readers trust nothing else. On a local
+folder a stage writes into a temporary sibling and renames it into place at the end. An
+object store has no rename: there the stage writes under the version's own prefix, and
+until its manifest is there that prefix is invisible (`versions`, `exists`, `resolve`
+skip it) and is cleaned up by the next builder or `c2m gc`.
 
 Only the holder of a version's lease builds it (see Lease), so two runs never write into
-the same folder. The lease uses only operations an object store also has (create a file
-if absent, read, list, delete, rewrite): the local-folder code here can become fsspec
-without changing the protocol.
+the same place. The lease uses only operations an object store also has (create a file
+if absent, read, list, delete, rewrite), so the protocol is the same on both.
+
+Files that only local-file APIs can read (tokenizer.json, token shards, checkpoints,
+SQLite indexes) are read from a local copy of their version (`local`), downloaded once
+and checked against the manifest's sha256; Parquet partitions are read where they are,
+so Dask workers on other machines never need the driver's disk.
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ from pathlib import Path
 from typing import Callable
 
 import psutil  # comes with dask.distributed
+from upath import UPath
+
+from corpus.documents import is_remote, open_partition
+from flows.config import STATE
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
@@ -43,9 +55,19 @@ def content_version(stage: str, config: dict, code_version: str,
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def store_root(root: str | Path) -> Path:
+    """A local folder (a path or file://) as a resolved Path; any other fsspec URL
+    (s3://bucket/prefix, gs://...) as a UPath over that filesystem."""
+    text = str(root)
+    if "://" in text and not text.startswith("file://"):
+        # no cached listings: leases and versions are read to see what others changed
+        return UPath(text, use_listings_cache=False)
+    return Path(text.removeprefix("file://")).expanduser().resolve()
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
@@ -60,6 +82,8 @@ def human_bytes(n: float) -> str:
 
 
 def folder_bytes(path: Path) -> int:
+    if is_remote(path):
+        return path.fs.du(path.path) if path.exists() else 0
     if path.is_file():
         return path.stat().st_size
     total = 0
@@ -89,6 +113,12 @@ def _process_alive(pid: int, started: float | None) -> bool:
         return started is None or abs(proc.create_time() - started) < 1
     except psutil.NoSuchProcess:
         return False
+
+
+def _mtime(info: dict) -> float:
+    """Modification time from an fsspec listing entry (local: mtime; S3: LastModified)."""
+    when = info.get("mtime", info.get("LastModified", info.get("updated", 0)))
+    return when.timestamp() if hasattr(when, "timestamp") else float(when or 0)
 
 
 def holder_text(info: dict | None) -> str:
@@ -164,12 +194,17 @@ class Lease:
         return found
 
     def _create(self, path: Path) -> bool:
+        """Create the lease file if absent (on S3 a conditional PUT, If-None-Match)."""
+        data = json.dumps(self.info)
         try:
+            if is_remote(path):
+                path.fs.pipe_file(path.path, data.encode(), mode="create")
+                return True
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self.info))
+            f.write(data)
         return True
 
     def acquire(self, wait: bool = True) -> Lease | None:
@@ -241,7 +276,10 @@ class Lease:
             if self.lost:
                 return
             try:
-                os.utime(self.path)
+                if is_remote(self.path):  # an object's time changes only by rewriting it
+                    self.path.write_text(json.dumps(self.info))
+                else:
+                    os.utime(self.path)
             except OSError:
                 pass  # checked again on the next beat
 
@@ -279,11 +317,29 @@ class Temporary:
                 f"{holder_text(self.owner) if self.owner else 'no known run'}: {self.why}")
 
 
+@dataclass
+class Build:
+    """Where a leased version is being built.
+
+    `out` is where its files go: a temporary folder beside the version on a local store,
+    the version's own prefix on an object store (Dask workers write partitions there).
+    `local` is a local folder for files written with local-file APIs (tokenizer.json,
+    shards, checkpoints, SQLite, plots); `commit` brings them into the version. On a
+    local store the two are the same folder."""
+    lease: Lease
+    out: Path
+    local: Path
+
+
 class ArtifactStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
+        self.root = store_root(root)
+        self.remote = is_remote(self.root)
+        # local copies of a remote store's versions, one folder per store URL
+        self.cache = STATE / "cache" / hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
 
     def path(self, stage: str, version: str) -> Path:
+        """Where the version lives: a local folder, or a UPath on a remote store."""
         return self.root / stage / version
 
     def exists(self, stage: str, version: str) -> bool:
@@ -291,16 +347,18 @@ class ArtifactStore:
 
     def manifest(self, stage: str, version: str) -> dict:
         path = self.path(stage, version) / MANIFEST
-        if not path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except FileNotFoundError:
             raise FileNotFoundError(f"no complete artifact {stage}/{version} under {self.root} "
-                                    f"(`c2m ls {stage}` lists the versions there are)")
-        return json.loads(path.read_text())
+                                    f"(`c2m ls {stage}` lists the versions there are)") from None
 
     def latest(self, stage: str) -> str | None:
         pointer = self.root / stage / LATEST
-        if not pointer.is_file():
+        try:
+            version = pointer.read_text().strip()
+        except FileNotFoundError:
             return None
-        version = pointer.read_text().strip()
         return version if self.exists(stage, version) else None
 
     def resolve(self, stage: str, version: str | None = None) -> str:
@@ -324,8 +382,12 @@ class ArtifactStore:
                       if p.is_dir() and not p.name.startswith(".") and p.name != RUNS)
 
     def versions(self, stage: str) -> list[str]:
-        """Complete versions of a stage, oldest first."""
+        """Complete versions of a stage (those with a manifest), oldest first."""
         folder = self.root / stage
+        if self.remote:  # one listing, not a request per version
+            found = folder.fs.glob(f"{folder.path}/*/{MANIFEST}", detail=True)
+            done = {k.rsplit("/", 2)[-2]: _mtime(info) for k, info in found.items()}
+            return [v for v in sorted(done, key=done.get) if not v.startswith(".")]
         if not folder.is_dir():
             return []
         # a temporary folder has its manifest for a moment before it is renamed
@@ -337,42 +399,110 @@ class ArtifactStore:
         """`with store.lease(stage, version) as lease:` waits for whoever builds that version."""
         return Lease(self, stage, version, log, run)
 
-    def begin(self, lease: Lease) -> Path:
-        """A fresh temporary folder beside where the leased version will live."""
-        tmp = self.root / lease.stage / f"{TMP_PREFIX}{lease.version}-{lease.token}"
-        tmp.mkdir(parents=True)
-        return tmp
+    def begin(self, lease: Lease) -> Build:
+        """Where to build the leased version (see Build)."""
+        if not self.remote:
+            tmp = self.root / lease.stage / f"{TMP_PREFIX}{lease.version}-{lease.token}"
+            tmp.mkdir(parents=True)
+            return Build(lease, tmp, tmp)
+        out = self.path(lease.stage, lease.version)
+        # the lease holder owns the prefix: first what a dead builder left there goes, and on
+        # a forced rebuild the old version (its manifest first, so nobody reads a mix)
+        (out / MANIFEST).unlink(missing_ok=True)
+        if out.exists():
+            out.fs.rm(out.path, recursive=True)
+        local = self.cache / "builds" / f"{lease.stage}-{lease.version}-{lease.token}"
+        local.mkdir(parents=True)
+        return Build(lease, out, local)
 
     def work_dir(self, stage: str, version: str) -> Path:
         """Scratch for one version that outlives a failed build (never read as an artifact);
-        only the version's lease holder uses it."""
+        only the version's lease holder uses it. Always local: on a remote store a killed
+        build resumes on the same machine."""
+        if self.remote:
+            return self.cache / "work" / stage / version
         return self.root / stage / f"{TMP_PREFIX}work-{version}"
 
-    def commit(self, tmp: Path, lease: Lease, manifest: dict) -> Path:
-        """Checksum the files, write the manifest last, rename into place, move LATEST."""
-        stage, version = lease.stage, lease.version
+    def commit(self, build: Build, manifest: dict) -> Path:
+        """Checksum the files, write the manifest last, move LATEST. A local store renames
+        the temporary folder into place; a remote one uploads the local files into the
+        version's prefix, then writes the manifest there: the version appears whole."""
+        lease, stage, version = build.lease, build.lease.stage, build.lease.version
+        files = {str(p.relative_to(build.local)): p for p in sorted(build.local.rglob("*")) if p.is_file()}
+        if self.remote:
+            for rel, p in files.items():
+                build.out.fs.put_file(str(p), f"{build.out.path}/{rel}")
+            # the partitions the workers wrote are hashed where they are
+            prefix = build.out.path.rstrip("/") + "/"
+            for key in build.out.fs.find(build.out.path):
+                rel = key[len(prefix):]
+                if rel not in files and rel != MANIFEST:
+                    files[rel] = build.out / rel
         manifest = dict(manifest, stage=stage, version=version, files={
-            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
-            for p in sorted(tmp.rglob("*")) if p.is_file()
-        })
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            rel: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for rel, p in sorted(files.items())})
+        text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
         lease.confirm()
         final = self.path(stage, version)
-        if final.exists():  # a forced re-run of the same version: swap the old one out
-            old = tmp.with_name(f"{tmp.name}-old")
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
+        if self.remote:
+            (final / MANIFEST).write_text(text)  # the commit
+            shutil.rmtree(build.local, ignore_errors=True)
         else:
-            os.rename(tmp, final)
+            (build.out / MANIFEST).write_text(text)
+            if final.exists():  # a forced re-run of the same version: swap the old one out
+                old = build.out.with_name(f"{build.out.name}-old")
+                os.rename(final, old)
+                os.rename(build.out, final)
+                shutil.rmtree(old)
+            else:
+                os.rename(build.out, final)
         self.set_latest(stage, version)
         return final
 
-    def abort(self, tmp: Path) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+    def abort(self, build: Build) -> None:
+        """Remove a failed build's files (on a remote store only while the lease is still
+        this build's: a run that took it over writes under the same prefix)."""
+        shutil.rmtree(build.local, ignore_errors=True)  # on a local store, out too
+        if self.remote and build.lease.problem() is None and build.out.exists():
+            build.out.fs.rm(build.out.path, recursive=True)
+
+    def local(self, stage: str, version: str, files: list[str] | None = None) -> Path:
+        """A local folder holding the version's `files` (default: all), for readers that
+        need local files. On a local store the version itself; on a remote one a cached
+        copy, each file downloaded once and checked against the manifest's sha256."""
+        if not self.remote:
+            return self.path(stage, version)
+        text = (self.path(stage, version) / MANIFEST).read_text()
+        listed = json.loads(text)["files"]
+        copy = self.cache / stage / version
+        try:
+            stale = (copy / MANIFEST).read_text() != text  # a forced rebuild replaced it
+        except FileNotFoundError:
+            stale = copy.exists()
+        if stale:
+            shutil.rmtree(copy, ignore_errors=True)
+        wanted = listed if files is None else {k: listed[k] for k in files}
+        for rel, meta in wanted.items():
+            dest = copy / rel
+            if dest.is_file() and dest.stat().st_size == meta["bytes"]:
+                continue  # checked when it was downloaded
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}")
+            try:
+                self.root.fs.get_file(f"{self.path(stage, version).path}/{rel}", str(part))
+                if file_sha256(part) != meta["sha256"]:
+                    raise ValueError(f"{self.path(stage, version) / rel}: sha256 differs from its "
+                                     f"manifest; the store is damaged (`c2m verify --root {self.root}`)")
+                os.replace(part, dest)
+            finally:
+                part.unlink(missing_ok=True)
+        (copy / MANIFEST).write_text(text)
+        return copy
 
     def set_latest(self, stage: str, version: str) -> None:
         pointer = self.root / stage / LATEST
+        if self.remote:  # one PUT replaces an object whole
+            pointer.write_text(version + "\n")
+            return
         tmp = pointer.with_name(f"{LATEST}.{uuid.uuid4().hex[:8]}")
         try:
             tmp.write_text(version + "\n")
@@ -403,6 +533,9 @@ class ArtifactStore:
         path = folder / f"{flow_run_name}.json"
         record = {"name": flow_run_name, "flow_run_id": str(flow_run_id),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions}
+        if self.remote:  # one PUT: the object appears whole
+            path.write_text(json.dumps(record, indent=2))
+            return path
         tmp = folder / f".{path.name}.{uuid.uuid4().hex[:8]}"
         try:
             tmp.write_text(json.dumps(record, indent=2))
@@ -468,6 +601,17 @@ class ArtifactStore:
                 (live_versions if dead is None else dead_versions)[version] = info
                 found.append(Temporary(s, folder / name, "lease", version, info, dead is None,
                                        dead or "building now", folder_bytes(folder / name)))
+            if self.remote:  # no temporary folders: a version's prefix without its manifest
+                complete = set(self.versions(s))
+                for name in names:
+                    if name.startswith(".") or name == LATEST or name in complete:
+                        continue
+                    alive = name in live_versions
+                    owner = live_versions.get(name) if alive else dead_versions.get(name)
+                    found.append(Temporary(s, folder / name, "build", name, owner, alive,
+                                           "building now" if alive else "no manifest and no live builder",
+                                           folder_bytes(folder / name)))
+                continue
             for name in names:
                 if not name.startswith(TMP_PREFIX):
                     continue
@@ -511,6 +655,8 @@ class ArtifactStore:
                     log(f"removing {t.describe()}")
                     if t.kind == "lease":
                         t.path.unlink(missing_ok=True)  # taking the lease removed it already
+                    elif self.remote:
+                        t.path.fs.rm(t.path.path, recursive=True)
                     else:
                         shutil.rmtree(t.path, ignore_errors=True)
                     count, freed = count + 1, freed + t.bytes
@@ -533,7 +679,11 @@ class ArtifactStore:
             return [f"{where}: manifest.json unreadable ({exc})"]
         problems = []
         listed = manifest.get("files", {})
-        on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
+        if self.remote:
+            prefix = folder.path.rstrip("/") + "/"
+            on_disk = {key[len(prefix):] for key in folder.fs.find(folder.path)} - {MANIFEST}
+        else:
+            on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
         for name in sorted(set(listed) - on_disk):
             problems.append(f"{where}: {name}: missing (listed in the manifest)")
         for name in sorted(on_disk - set(listed)):
@@ -582,13 +732,11 @@ class ArtifactStore:
 
 def _rows(folder: Path, where: str, problems: list[str]) -> int | None:
     """Rows in the Parquet files of a folder (none there = 0); None if one is unreadable."""
-    import pyarrow.parquet as pq
-
     total = 0
     for path in sorted(folder.glob("*.parquet")):
         try:
-            total += pq.ParquetFile(path).metadata.num_rows
-        except Exception as exc:  # pyarrow raises several types for a damaged file
-            problems.append(f"{where}: {path.parent.name}/{path.name}: not readable Parquet ({exc})")
+            total += open_partition(path).metadata.num_rows
+        except ValueError as exc:
+            problems.append(f"{where}: {path.parent.name}/{path.name}: {exc}")
             return None
     return total

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.documents import doc_id
-from corpus.index import DocumentIndex, IndexMissing, TokenIndex, index_kind
+from corpus.index import INDEX_FILE, DocumentIndex, IndexMissing, TokenIndex, index_kind
 from flows.store import ArtifactStore
 
 SAMPLE_CHARS = 600
@@ -88,7 +88,8 @@ def _indexed(store: ArtifactStore, versions: dict[str, str]) -> tuple[list[tuple
     documents, tokens = [], []
     for stage, version in in_order(store, versions):
         folder = store.path(stage, version)
-        kind = index_kind(folder)
+        index = _index_copy(store, stage, version)
+        kind = index and index_kind(index)
         if kind is None and any((folder / sub).is_dir() for sub in ("docs", "rejected")):
             raise IndexMissing(
                 f"{stage}/{version} has no index.sqlite (it was built before `c2m why` indexes "
@@ -102,6 +103,18 @@ def _indexed(store: ArtifactStore, versions: dict[str, str]) -> tuple[list[tuple
     return documents, tokens
 
 
+def _index_copy(store: ArtifactStore, stage: str, version: str) -> Path | None:
+    """The local folder holding the version's index.sqlite (SQLite reads local files: on a
+    remote store, a cached copy of that one file); None if the version has no index."""
+    if INDEX_FILE not in store.manifest(stage, version).get("files", {}):
+        return None
+    return store.local(stage, version, [INDEX_FILE])
+
+
+def _documents(store: ArtifactStore, stage: str, version: str) -> DocumentIndex:
+    return DocumentIndex(store.path(stage, version), _index_copy(store, stage, version) / INDEX_FILE)
+
+
 # -- one document ------------------------------------------------------------------
 
 def why(store: ArtifactStore, doc: str, versions: dict[str, str]) -> list[dict]:
@@ -109,11 +122,11 @@ def why(store: ArtifactStore, doc: str, versions: dict[str, str]) -> list[dict]:
     document id, or the source path or URL it was read from."""
     documents, tokens = _indexed(store, versions)
     first, first_version = documents[0]
-    source = DocumentIndex(store.path(first, first_version))
+    source = _documents(store, first, first_version)
     id_ = _resolve(store, source, doc, first, first_version)
     verdicts = []
     for stage, version in documents:
-        index = source if stage == first else DocumentIndex(store.path(stage, version))
+        index = source if stage == first else _documents(store, stage, version)
         entry = index.get(id_)
         if entry is None:
             verdicts.append({"stage": stage, "version": version, "id": id_, "verdict": "absent"})
@@ -122,7 +135,7 @@ def why(store: ArtifactStore, doc: str, versions: dict[str, str]) -> list[dict]:
         if not entry.kept:
             break  # later stages never saw it
     for stage, version in tokens:  # held-out documents may be tokenized too (an eval set)
-        span = TokenIndex(store.path(stage, version)).get(id_)
+        span = TokenIndex(_index_copy(store, stage, version)).get(id_)
         if span is not None:
             verdicts.append({"stage": stage, "version": version, "id": id_, "verdict": span.split,
                              "split": span.split, "offset": span.offset, "tokens": span.length,
@@ -230,7 +243,7 @@ def sample(store: ArtifactStore, reason: str, versions: dict[str, str], n: int =
             present.setdefault(r, []).append(f"{stage} {count}")
         if reason not in counts or len(found) >= n:
             continue
-        index = DocumentIndex(store.path(stage, version))
+        index = _documents(store, stage, version)
         for entry in index.rejected(reason, n - len(found)):
             row = index.read(entry, [*DETAILS, "source"])
             text = row.pop("text", None) or ""

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import urllib.request
+from pathlib import Path
 
 from conftest import C2M, alive, free_port
 from flows.config import PROJECT_ROOT
@@ -51,6 +52,14 @@ def test_up_serves_every_config_as_a_deployment_and_down_stops_exactly_that(tmp_
             assert json.load(r)["state_type"] == "COMPLETED"
         status = json.loads(c2m("status").stdout)
         assert status["healthy"] and [status["server_pid"], status["serve_pid"]] == pids
+        # the README's command: the demo deployment, run by the serve process
+        overrides = json.dumps({"source.pydoc_limit": 1, "run.artifacts": str(tmp_path / "served")})
+        served = subprocess.run([str(Path(C2M).with_name("prefect")), "deployment", "run", "corpus-to-model/demo",
+                                 "-p", 'stages=["source"]', "-p", f"overrides={overrides}", "--watch"],
+                                env={**env, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"},
+                                capture_output=True, text=True, timeout=180)
+        assert served.returncode == 0, served.stdout[-2000:] + served.stderr[-2000:]
+        assert (tmp_path / "served" / "source" / "LATEST").is_file()
         # a second checkout (its own state folder) must not adopt this server
         other = subprocess.run([C2M, "up"], capture_output=True, text=True, timeout=60,
                                env={**env, "C2M_STATE": str(tmp_path / "other-state")})

@@ -30,22 +30,23 @@ def test_version_depends_on_every_ingredient():
 def commit(store: ArtifactStore, stage: str, version: str, files: dict[str, bytes] | None = None,
            manifest: dict | None = None) -> None:
     with store.lease(stage, version) as lease:
-        tmp = store.begin(lease)
+        build = store.begin(lease)
         for name, data in (files or {}).items():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_bytes(data)
-        store.commit(tmp, lease, manifest or {"inputs": {}, "stats": {}})
+            (build.out / name).parent.mkdir(parents=True, exist_ok=True)
+            (build.out / name).write_bytes(data)
+        store.commit(build, manifest or {"inputs": {}, "stats": {}})
 
 
 def test_commit_is_all_or_nothing(tmp_path):
     store = ArtifactStore(tmp_path)
     with store.lease("extract", "abc") as lease:
-        tmp = store.begin(lease)
+        build = store.begin(lease)
+        tmp = build.out
         (tmp / "part-00000.parquet").write_bytes(b"data")
         (tmp / "manifest.json").write_text("{}")  # as just before the rename
         assert not store.exists("extract", "abc")  # a half-written version is invisible
         assert store.versions("extract") == [] and store.latest("extract") is None
-        store.commit(tmp, lease, {"inputs": {}, "stats": {}})
+        store.commit(build, {"inputs": {}, "stats": {}})
     assert store.exists("extract", "abc") and store.latest("extract") == "abc"
     files = store.manifest("extract", "abc")["files"]
     assert files["part-00000.parquet"]["bytes"] == 4
@@ -53,7 +54,7 @@ def test_commit_is_all_or_nothing(tmp_path):
 
     with store.lease("extract", "def") as lease:
         failed = store.begin(lease)
-        (failed / "x").write_text("partial")
+        (failed.out / "x").write_text("partial")
         store.abort(failed)
     assert store.versions("extract") == ["abc"]
     assert not list((tmp_path / "extract").glob(".tmp-*"))
@@ -111,8 +112,7 @@ def test_a_second_run_waits_for_the_holder_and_says_for_whom(tmp_path, monkeypat
     waiter.start()
     time.sleep(0.5)
     assert waiter.is_alive() and "lease" not in got  # waits while the holder lives
-    tmp = store.begin(first)
-    store.commit(tmp, first, {"inputs": {}, "stats": {}})
+    store.commit(store.begin(first), {"inputs": {}, "stats": {}})
     first.release()
     waiter.join(5)
     second = got["lease"]
@@ -141,11 +141,11 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path):
 def test_a_lost_lease_is_never_committed(tmp_path):
     store = ArtifactStore(tmp_path)
     lease = store.lease("train", "v1").acquire()
-    tmp = store.begin(lease)
-    (tmp / "model.pt").write_text("mine")
+    build = store.begin(lease)
+    (build.out / "model.pt").write_text("mine")
     fake_lease(store, "train", "v1", gen=1)  # a live run took it over (this process: alive)
     with pytest.raises(LeaseLost, match="took it over"):
-        store.commit(tmp, lease, {"inputs": {}, "stats": {}})
+        store.commit(build, {"inputs": {}, "stats": {}})
     assert not store.exists("train", "v1")
     lease.release()
     assert (store.root / "train" / ".lease-v1.1").exists()  # not ours to remove
@@ -156,7 +156,7 @@ def test_a_lost_lease_is_never_committed(tmp_path):
 def test_gc_removes_what_dead_runs_left_and_keeps_live_ones(tmp_path):
     store = ArtifactStore(tmp_path)
     live = store.lease("extract", "live").acquire()
-    live_tmp = store.begin(live)
+    live_tmp = store.begin(live).out
     (live_tmp / "part.parquet").write_bytes(b"x" * 1000)
     dead = fake_lease(store, "extract", "dead", pid=dead_pid())
     dead_tmp = store.root / "extract" / f".tmp-dead-{dead}"

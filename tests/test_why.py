@@ -174,7 +174,7 @@ def test_run_versions_and_errors(built, tmp_path):
 
 
 def test_index_documents_is_none_outside_document_stages(tmp_path):
-    assert index_documents(tmp_path) is None
+    assert index_documents(tmp_path, tmp_path) is None
     assert not (tmp_path / INDEX_FILE).exists()
 
 
