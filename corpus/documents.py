@@ -76,9 +76,12 @@ def open_partition(path: str | Path) -> pq.ParquetFile:
                          "re-run the stage that wrote it with force") from exc
 
 
-def read_docs(path: str | Path, columns: list[str] | None = None) -> Iterator[dict]:
-    """Stream the rows of one Parquet partition as dicts, a record batch at a time."""
-    for batch in open_partition(path).iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
+def read_docs(partition: str | Path | pq.ParquetFile, columns: list[str] | None = None) -> Iterator[dict]:
+    """Stream the rows of one Parquet partition (a path, or one already open) as dicts,
+    a record batch at a time."""
+    if not isinstance(partition, pq.ParquetFile):
+        partition = open_partition(partition)
+    for batch in partition.iter_batches(batch_size=READ_BATCH_ROWS, columns=columns):
         yield from batch.to_pylist()
 
 
@@ -135,8 +138,10 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
     and dropped ones to `out_dir/rejected/<name>`. Returns the partition's stats."""
     in_path, out_dir = as_path(in_path), as_path(out_dir)
     started = time.perf_counter()
-    # the count comes from the file, not from what the step chose to read
-    n_in = open_partition(in_path).metadata.num_rows
+    # the count comes from the file, not from what the step chose to read; opened once (a
+    # remote partition is one download)
+    partition = open_partition(in_path)
+    n_in = partition.metadata.num_rows
     bytes_in = 0
     last = started
     sizes_in: Counter[int] = Counter()
@@ -156,7 +161,7 @@ def process_partition(step: Step, in_path: str | Path, out_dir: str | Path,
     reasons: Counter[str] = Counter()
     examples: dict[str, list[dict]] = {}
     slowest: list[tuple[float, str, str]] = []  # a min-heap of the SLOWEST_DOCS slowest
-    for item in step(counted(read_docs(in_path)), **step_config):
+    for item in step(counted(read_docs(partition)), **step_config):
         now = time.perf_counter()
         doc = item.doc if isinstance(item, Rejected) else item
         # time since the previous output: per document for streaming steps; a batching

@@ -230,3 +230,58 @@ def test_verify_checks_files_and_conservation(tmp_path):
         "extract/e1: rejected/ holds 0 documents, the manifest says 2 rejected",
         "extract/e1: 5 documents in, but 3 kept + 0 rejected = 3",
     ]
+
+
+# -- the same protocol on S3 (moto's server) ---------------------------------------------
+
+def test_on_s3_a_lease_is_one_conditional_create_and_a_version_appears_with_its_manifest(s3_artifacts):
+    store, other = ArtifactStore(s3_artifacts), ArtifactStore(s3_artifacts)  # two runs' views
+    lease = store.lease("extract", "v1").acquire()
+    assert other.lease("extract", "v1").acquire(wait=False) is None  # If-None-Match: one holder
+    build = store.begin(lease)
+    assert build.out == store.path("extract", "v1") and build.local.is_dir()  # no rename on S3
+    (build.out / "docs" / "part-00000.parquet").write_bytes(b"a partition a worker wrote")
+    (build.local / "index.sqlite").write_bytes(b"a file written locally")
+    assert other.versions("extract") == [] and not other.exists("extract", "v1")  # no manifest yet
+    kinds = sorted((t.kind, t.alive) for t in other.temporaries())
+    assert kinds == [("build", True), ("lease", True)]
+    store.commit(build, {"inputs": {}, "stats": {}})
+    lease.release()
+    assert other.versions("extract") == ["v1"] and other.latest("extract") == "v1"
+    files = other.manifest("extract", "v1")["files"]
+    assert set(files) == {"docs/part-00000.parquet", "index.sqlite"} and other.verify("extract", "v1") == []
+    assert not build.local.exists() and other.temporaries() == []
+    local = other.local("extract", "v1", ["index.sqlite"])  # a checked local copy of one file
+    assert (local / "index.sqlite").read_bytes() == b"a file written locally"
+    assert not (local / "docs").exists()
+
+
+def test_on_s3_a_dead_builders_prefix_is_taken_over_or_collected(s3_artifacts, monkeypatch):
+    monkeypatch.setattr(flows.store, "STALE_S", 1.0)
+    store = ArtifactStore(s3_artifacts)
+    gone = store.lease("extract", "v2", run="gone")
+    gone.info["host"] = "another-machine"  # whose death only silence tells
+    gone.acquire()
+    gone._stop.set()  # its heartbeat stops: the machine died
+    (store.begin(gone).out / "docs" / "part-00003.parquet").write_bytes(b"half a build")
+    time.sleep(1.5)
+    (dead,) = [t for t in store.temporaries() if t.kind == "build"]
+    assert not dead.alive and dead.owner["run"] == "gone"
+    said: list[str] = []
+    with store.lease("extract", "v2", log=said.append) as lease:  # the next builder
+        assert "no heartbeat for" in lease.took_over
+        build = store.begin(lease)
+        assert not (build.out / "docs" / "part-00003.parquet").exists()  # cleared first
+        (build.out / "docs" / "part-00000.parquet").write_bytes(b"whole")
+        store.commit(build, {"inputs": {}, "stats": {}})
+    assert list(store.manifest("extract", "v2")["files"]) == ["docs/part-00000.parquet"]
+    # and leftovers nobody takes over are collected
+    late = store.lease("extract", "v3", run="late")
+    late.info["host"] = "another-machine"
+    late.acquire()
+    late._stop.set()
+    (store.begin(late).out / "docs" / "part-00000.parquet").write_bytes(b"x" * 100)
+    time.sleep(1.5)
+    removed, freed = store.gc(log=said.append)
+    assert removed == 2 and freed >= 100  # the prefix and the lease
+    assert store.temporaries() == [] and store.versions("extract") == ["v2"]
