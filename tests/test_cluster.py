@@ -160,13 +160,15 @@ def test_the_data_stages_give_the_same_artifacts_on_a_cluster_as_locally(
     # both at once: on 2 cores most of a run is starting processes and importing
     on_cluster = start_flow(overrides(tiny_corpus, f"{store_root}/cluster", tmp_path,
                                       **{"dask.scheduler": address}), tmp_path / "cluster")
-    on_local_cluster = start_flow(overrides(tiny_corpus, f"{store_root}/local", tmp_path), tmp_path / "local")
+    # the reference: a local folder and a LocalCluster, the defaults
+    local_root = str(tmp_path / "local-store")
+    on_local_cluster = start_flow(overrides(tiny_corpus, local_root, tmp_path), tmp_path / "local")
     versions = finish(on_cluster, tmp_path / "cluster")
     local = finish(on_local_cluster, tmp_path / "local")
     ran = [(t["key"], t["worker"]) for t in client.get_task_stream(start=started)]
 
     assert versions == local and list(versions) == DATA_STAGES
-    cluster_store, local_store = ArtifactStore(f"{store_root}/cluster"), ArtifactStore(f"{store_root}/local")
+    cluster_store, local_store = ArtifactStore(f"{store_root}/cluster"), ArtifactStore(local_root)
     for stage, version in versions.items():
         files = data_files(cluster_store, stage, version)
         assert files and files == data_files(local_store, stage, version), stage
