@@ -377,6 +377,57 @@ def export(model: str = MODEL_ARGUMENT,
                f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
 
 
+@app.command()
+def serve(model: str = MODEL_ARGUMENT,
+          port: int = typer.Option(8000, "--port", min=0, max=65535, help="0: any free port"),
+          host: str = typer.Option("127.0.0.1", "--host", help="0.0.0.0: every interface"),
+          int8: bool = typer.Option(False, "--int8", help="int8 dynamic quantisation of the Linear layers "
+                                                          "(CPU): faster, slightly higher loss"),
+          root: str = ROOT_OPTION):
+    """Serve a model artifact over HTTP until Ctrl-C: POST /generate, GET /health, GET /model.
+
+    POST /generate takes {prompt, max_tokens, temperature, top_k, top_p, seed, stream,
+    truncate}; with stream it answers NDJSON lines. A prompt longer than the model's
+    context is refused (413) unless truncate is true. The API's schema is at /docs."""
+    import uvicorn
+    from tokenizers import Tokenizer
+
+    from flows.stages import model_artifact
+    from trainer.http_api import create_app, listen, quantize_int8
+    from trainer.model import load_model
+
+    sock = listen(host, port)  # first: a port in use is one error line (exit 1) before any loading
+    found = model_artifact(model, root)
+    net, _ = load_model(found["model"])
+    trained = found["manifest"]
+    info = {"version": found["version"], "sha256": found["sha256"],
+            "lineage": [{"stage": s, "version": v} for s, v in found["lineage"]],
+            "train": {"config": trained.get("config", {}).get("train", {}), "stats": trained.get("stats", {})}}
+    api = create_app(quantize_int8(net) if int8 else net, Tokenizer.from_file(str(found["tokenizer"])),
+                     info, int8=int8)
+    address = f"[{host}]" if ":" in host else host
+    typer.echo(f"serving train/{found['version']}{' (int8)' if int8 else ''} on "
+               f"http://{address}:{sock.getsockname()[1]} (schema at /docs; Ctrl-C stops it)")
+    uvicorn.Server(uvicorn.Config(api, log_level="info")).run(sockets=[sock])
+
+
+@app.command()
+def tensorboard(versions: list[str] = typer.Argument(
+                    None, help="train versions or prefixes (default: LATEST and the trainings running now)"),
+                port: int = typer.Option(6006, "--port", min=1, max=65535),
+                root: str = ROOT_OPTION):
+    """Open train runs side by side in TensorBoard (on 127.0.0.1), named by version.
+
+    <version>/train: loss, lr, grad norm, tokens/s, MFU; val loss, bits per byte, accuracy.
+
+    <version>/evaluate: the held-out curve over the checkpoints, the samples (text tab)."""
+    from flows import board
+
+    code = board.serve(board.runs(ArtifactStore(root), versions or []), port, log=typer.echo)
+    if code != 0:
+        raise RuntimeError(f"tensorboard exited with code {code} (its messages are above)")
+
+
 @app.command("fetch-detoxify")
 def fetch_detoxify(model: str = typer.Argument("original", help="original | unbiased | multilingual")):
     """Download detoxify's weights and config (needs internet) to where `auto` finds them."""

@@ -127,7 +127,10 @@ def _train(s: dict) -> list[str]:
     lines = [f"- {s['steps']:,} steps, {s['tokens_seen']:,} tokens, {s['n_params']:,} parameters; "
              f"train loss {s['initial_loss']:.4f} -> {s['final_loss']:.4f}"]
     if s.get("val_loss") is not None:
-        lines.append(f"- val loss {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f} (best.pt)")
+        at = f" at step {s['best_step']:,}" if s.get("best_step") else ""
+        lines.append(f"- val loss {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f}{at} (best.pt)")
+    if s.get("early_stop"):
+        lines.append(_ended(s))
     if s.get("dtype"):
         lines.append(f"- dtype {s['dtype']}: {escape(s['dtype_reason'])}")
     mfu = (f"MFU {s['mfu']:.1%} of {escape(s['peak_flops_source'])}" if s.get("mfu") is not None
@@ -139,6 +142,16 @@ def _train(s: dict) -> list[str]:
     if s.get("resumed_from"):
         lines.append(f"- resumed from {escape(Path(s['resumed_from']).name)} of an interrupted run")
     return lines + ["", "![loss](loss.png)"]
+
+
+def _ended(s: dict) -> str:
+    stop = s["early_stop"]
+    rule = (f"{stop['patience']} val checks in a row without beating the best val loss by more "
+            f"than {stop['min_delta']:g}")
+    if s.get("ended") == "early_stop":
+        return (f"- **stopped early** at step {s['steps']:,} after {rule}; model.pt is best.pt "
+                f"(step {s['best_step']:,}, val loss {s['best_val_loss']:.4f})")
+    return f"- ran to max_steps: early stopping ({rule}) did not fire"
 
 
 def _evaluate(s: dict) -> list[str]:
@@ -333,7 +346,8 @@ KEY_FIGURES = {
     "holdout": lambda s: f"eval set {s['eval']['docs']:,} docs, {_mb(s['eval']['bytes'])}; {_kept(s)}",
     "tokenizer": lambda s: f"vocab {s['vocab_size']:,}, {s['heldout']['bytes_per_token']:.2f} bytes/token",
     "shard": lambda s: f"{s['train']['tokens']:,} train + {s['val']['tokens']:,} val tokens",
-    "train": lambda s: f"{s['steps']:,} steps, {s['tokens_per_s']:,.0f} tokens/s",
+    "train": lambda s: f"{s['steps']:,} steps" + (" (early stop)" if s.get("ended") == "early_stop" else "")
+                       + f", {s['tokens_per_s']:,.0f} tokens/s",
     "evaluate": lambda s: f"{s['bits_per_byte']:.3f} val bits/byte"
                           + (f", eval {s['eval']['bits_per_byte']:.3f}" if s.get("eval") else ""),
 }

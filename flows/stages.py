@@ -330,9 +330,11 @@ def model_artifact(ref: str, artifacts: str | Path) -> dict:
         store = ArtifactStore(artifacts)
         version = store.resolve("train", ref or None)
     manifest = store.manifest("train", version)
+    lineage = store.lineage("train", version)
     # the model's tokenizer comes with it: token ids mean nothing under another vocabulary
-    tokenizer_version = dict(store.lineage("train", version))["tokenizer"]
+    tokenizer_version = dict(lineage)["tokenizer"]
     return {"version": version, "sha256": manifest["files"]["model.pt"]["sha256"],
+            "manifest": manifest, "lineage": lineage,
             "model": store.local("train", version, ["model.pt"]) / "model.pt",
             "tokenizer_version": tokenizer_version,
             "tokenizer": store.local("tokenizer", tokenizer_version, ["tokenizer.json"]) / "tokenizer.json"}
@@ -415,6 +417,7 @@ def build_train(ctx: StageContext) -> dict:
 
 
 def build_evaluate(ctx: StageContext) -> dict:
+    from trainer.board import write_evaluation
     from trainer.evaluate import evaluate, evaluate_checkpoints, heldout_curve, plot_curve
 
     e = ctx.cfg.evaluate
@@ -422,7 +425,7 @@ def build_evaluate(ctx: StageContext) -> dict:
     metrics = evaluate(ctx.inputs["train"] / "model.pt", val,
                        ctx.inputs["tokenizer"] / "tokenizer.json", e)
     # the same val windows for every kept checkpoint: the curve and the final figure agree;
-    # the last checkpoint is model.pt, scored above
+    # model.pt, scored above, is the last checkpoint (or best.pt's copy after an early stop)
     final = metrics["checkpoint_step"]
     earlier = [p for p in sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt"))
                if int(p.stem.removeprefix("step_")) != final]
@@ -440,7 +443,12 @@ def build_evaluate(ctx: StageContext) -> dict:
         record["tokens_seen"] = record["step"] * trained["tokens_seen"] // max(trained["steps"], 1)
     metrics["eval"] = {**eval_curve[-1], "docs": held["docs"], "eval_set_bytes": held["bytes"],
                        "curve": eval_curve}
+    # early stopping makes model.pt (appended last) an earlier step than the newest checkpoints
+    curve.sort(key=lambda r: r["step"])
+    eval_curve.sort(key=lambda r: r["step"])
     plot_curve(curve, ctx.local_out / "val_curve.png", metrics["compressors"], eval_curve)
+    # the train loop generates no text: the samples go to TensorBoard from here
+    write_evaluation(ctx.local_out, metrics)
     metrics["curve"] = curve
     (ctx.local_out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
@@ -462,10 +470,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
           identity=tokenizer_identity),
     Stage("shard", ("dedup", "tokenizer"), ("shard", "split"), ("corpus.shard", "trainer.data"), build_shard),
     Stage("train", ("shard",), ("train",),
-          ("trainer.model", "trainer.train", "trainer.data", "trainer.perf", "trainer.evaluate"), build_train,
+          ("trainer.model", "trainer.train", "trainer.data", "trainer.perf", "trainer.evaluate",
+           "trainer.board"), build_train,
           identity=train_identity),
     Stage("evaluate", ("train", "shard", "tokenizer", "holdout"), ("evaluate",),
-          ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data"), build_evaluate),
+          ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data", "trainer.board"),
+          build_evaluate),
 ]}
 ORDER = list(STAGES)
 DOCUMENT_STAGES = ("extract", "normalize", "holdout", "filter", "dedup")

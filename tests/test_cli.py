@@ -225,7 +225,8 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
         assert [t["state_type"] for t in api(port, "/task_runs/filter", tasks)] == ["CRASHED"]
 
         second.send_signal(signal.SIGINT)  # Ctrl-C
-        assert second.wait(timeout=120) == 130
+        code = second.wait(timeout=120)
+        assert code == 130, f"exit {code} after Ctrl-C; its stderr:\n{second_err.read_text()[-4000:]}"
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -287,7 +287,8 @@ def test_checkpoint_round_trip(trained, synthetic_shards):
     out, stats, _ = trained
     raw = torch.load(out / "model.pt", weights_only=True)  # no pickled code needed
     assert set(raw) == {"model", "model_config", "train_config", "optimizer", "scaler", "step",
-                        "tokens_seen", "loader", "rng", "best_val_loss", "loss_window", "records", "parent"}
+                        "tokens_seen", "loader", "rng", "best_val_loss", "best_step", "stale_checks",
+                        "loss_window", "records", "parent"}
     assert raw["step"] == 60 and raw["tokens_seen"] == stats["tokens_seen"]
     assert raw["train_config"]["learning_rate"] == TRAIN_CFG.learning_rate
     assert raw["model_config"] == {"vocab_size": VOCAB, "block_size": 32, "n_layer": 2, "n_head": 2,
@@ -486,7 +487,7 @@ def test_a_full_disk_while_saving_is_named(synthetic_shards, tmp_path, monkeypat
     assert message.startswith("disk full: model.pt (about 0.") and "\n" not in message
     assert f"does not fit in {tmp_path}, which has 0.0 MB free" in message
     assert isinstance(failed.value, OSError) and "inline_container" in str(failed.value.__cause__)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]  # no model.pt(.tmp)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl", "tensorboard"]  # no model.pt(.tmp)
 
 
 def test_a_failed_checkpoint_write_leaves_nothing(tmp_path, file_size_limit):

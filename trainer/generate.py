@@ -1,6 +1,8 @@
 """Sampling text from a trained GPT: temperature, top-k, top-p, with a KV cache."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
@@ -39,13 +41,22 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator))
 
 
-@torch.inference_mode()
 def generate_ids(model: GPT, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
                  generator: torch.Generator | None = None, stop_id: int | None = None) -> list[int]:
     """Up to max_new_tokens ids sampled after prompt_ids (the new ids only), ending before
     stop_id if the model samples it. `generator` is a CPU generator: sampling runs on the
-    CPU, so a seed gives the same tokens on any device. Call it on a model in eval mode.
+    CPU, so a seed gives the same tokens on any device. Call it on a model in eval mode."""
+    return list(stream_ids(model, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                           top_k=top_k, top_p=top_p, generator=generator, stop_id=stop_id))
+
+
+@torch.inference_mode()  # on a generator: entered around each step, in the thread that asks
+def stream_ids(model: GPT, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None, stop_id: int | None = None) -> Iterator[int]:
+    """generate_ids one id at a time, as each is sampled (the HTTP API streams them); the
+    checks run at the first step.
 
     Past block_size the cache cannot slide (its keys carry absolute positions), so each
     further token recomputes it on the last block_size tokens: exactly the context the
@@ -64,7 +75,6 @@ def generate_ids(model: GPT, prompt_ids: list[int], *, max_new_tokens: int, temp
     device = model.wte.weight.device
     context = list(prompt_ids)
     feed, cache = context[-block_size:], None  # feed: the ids the cache does not hold yet
-    new_ids: list[int] = []
     for _ in range(max_new_tokens):
         if cache is not None and cache[0][0].size(2) + len(feed) > block_size:
             feed, cache = context[-block_size:], None  # full: recompute on the last block_size
@@ -73,9 +83,8 @@ def generate_ids(model: GPT, prompt_ids: list[int], *, max_new_tokens: int, temp
         if next_id == stop_id:
             break
         context.append(next_id)
-        new_ids.append(next_id)
+        yield next_id
         feed = [next_id]
-    return new_ids
 
 
 def generate_texts(model: GPT, tokenizer: Tokenizer, prompts: list[str], *, n: int, max_new_tokens: int,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 KV = tuple[torch.Tensor, torch.Tensor]  # one layer's keys and values, each (B, n_head, T, head_size)
 
@@ -103,6 +104,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Tie input and output embeddings: fewer parameters, and it trains better.
         self.lm_head.weight = self.wte.weight
+        # set by the trainer, not part of the model's shape: in training, keep only each
+        # block's input and recompute its inside during backward (less memory, more compute)
+        self.activation_checkpointing = False
 
         self.apply(self._init_weights)
         # GPT-2: each block adds two projections into the residual stream, so shrink
@@ -159,10 +163,21 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         new_cache = []
+        if self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled():
+            # use_reentrant=False: the recommended variant; it restores the RNG state, so the
+            # recomputed dropout masks are the forward's. No cache: its keys and values would
+            # keep alive what checkpointing frees.
+            for block in self.blocks:
+                x = checkpoint(_block_output, block, x, use_reentrant=False)
+            return self.ln_f(x), new_cache
         for i, block in enumerate(self.blocks):
             x, kv = block(x, None if cache is None else cache[i])
             new_cache.append(kv)
         return self.ln_f(x), new_cache
+
+
+def _block_output(block: Block, x: torch.Tensor) -> torch.Tensor:
+    return block(x)[0]
 
 
 def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -38,7 +38,7 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import launch, perf
+from trainer import board, launch, perf
 from trainer.data import EpochLoader, Shards
 from trainer.model import GPT, GPTConfig, load_model
 
@@ -81,6 +81,9 @@ class TrainConfig:
         "float16 is for CUDA without bf16 (grad scaler)"))
     compile: bool = Field(False, description=(
         "torch.compile, eager fallback if it fails; a one-off cost (~80 s cold on 2 cores)"))
+    activation_checkpointing: bool = Field(False, description=(
+        "keep only each block's input and recompute the block in backward: less memory for "
+        "activations, more compute (see benchmarks/activation_checkpointing.py); the same weights"))
     seed: int = Field(1337, ge=0)
     log_every: int = Field(50, ge=1, description="steps between metrics lines")
     threads: int = Field(0, ge=0, le=1024, description="torch threads per process; 0 = cores / processes")
@@ -89,12 +92,19 @@ class TrainConfig:
         "steps between checkpoints, each scored on the val set; 0 = final only"))
     keep_last: int = Field(3, ge=1, description="checkpoints kept besides best.pt and model.pt")
     eval_tokens: int = Field(65536, ge=0, description="val tokens scored at each checkpoint; 0 = all")
+    early_stop_patience: int = Field(0, ge=0, description=(
+        "stop after this many val checks in a row without improvement; model.pt is then best.pt's "
+        "weights; 0 = off"))
+    min_delta: float = Field(0.0, ge=0, description=(
+        "early stopping: a val loss counts as an improvement only below the best minus this"))
     init_from: str = Field("", description=(
         "fine-tune: a train version (or prefix) or a train artifact folder"))
 
     # device and dtype as resolved on this machine, and the parent model, are in the
-    # train stage's identity instead
-    UNVERSIONED: ClassVar[tuple[str, ...]] = ("device", "dtype", "log_every", "threads", "init_from")
+    # train stage's identity instead; activation checkpointing recomputes the same values
+    # (tested: the same losses and weights), it changes memory and time only, like threads
+    UNVERSIONED: ClassVar[tuple[str, ...]] = ("device", "dtype", "log_every", "threads", "init_from",
+                                              "activation_checkpointing")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -102,6 +112,9 @@ class TrainConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate})")
+        if self.early_stop_patience and not self.checkpoint_every:
+            raise ValueError("early_stop_patience counts the val checks at checkpoints: set "
+                             "checkpoint_every above 0")
         return self
 
 
@@ -218,6 +231,15 @@ def _rng_states(world: int) -> list[dict] | None:
     return gathered
 
 
+def _rank0s(flag: bool, world: int) -> bool:
+    """Rank 0's flag on every rank (only rank 0 validates, and all ranks must stop together)."""
+    if world == 1:
+        return flag
+    box = [flag]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
@@ -324,7 +346,11 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     (no final evaluation, plot or model.pt); a later resume=True run picks it up.
     on_progress: called (rank 0 only) at every metrics line and once at the end with
     {"unit": "step", "done", "total" (max_steps), "loss", "tokens_per_s", "elapsed_s",
-    "eta_s"}; the last call has done == total and eta_s == 0 unless stopped early.
+    "eta_s"}; the last call has done == total and eta_s == 0, also when early stopping
+    ended the run (total is then the step it stopped at), but not after stop_after.
+    cfg.early_stop_patience: after that many val checks in a row that do not beat the best
+    val loss by more than cfg.min_delta, training stops and model.pt is a copy of best.pt
+    (evaluate scores the best weights); the result's "ended" says why training ended.
     cfg.processes > 1: started by torchrun, this is one of the processes; otherwise it starts
     them with torchrun (trainer.launch) and returns rank 0's result.
     """
@@ -369,6 +395,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     peak *= world  # the peak of all ranks together, as tokens/s counts all ranks
     torch.manual_seed(cfg.seed)  # the same init on every rank
     raw_model = GPT(model_config)
+    raw_model.activation_checkpointing = cfg.activation_checkpointing
     if saved is None and init_from is not None:
         raw_model.load_state_dict(parent_ckpt["model"])
     raw_model.to(device).train()
@@ -391,9 +418,13 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         raise ValueError(f"no val shard ({', '.join(map(str, val_data.paths))}) holds a window of "
                          f"block_size+1 = {block_size + 1} tokens within eval_tokens = {cfg.eval_tokens}: "
                          f"use more val data, a larger eval_tokens or a smaller block_size")
+    if cfg.early_stop_patience and val_data is None:
+        raise ValueError("train.early_stop_patience watches the val loss, but no val shards were "
+                         "given: pass val shards or set early_stop_patience = 0")
     tokens_per_step = cfg.batch_size * block_size * cfg.grad_accum_steps * world  # all ranks
 
     start, tokens_seen, best_val_loss, records = 0, 0, None, []
+    best_step, stale_checks = None, 0  # best.pt's step; val checks since the last improvement
     loss_sum, loss_n = torch.zeros((), device=device), 0  # train loss since the last log line
     if saved is not None:
         raw_model.load_state_dict(saved["model"])
@@ -408,6 +439,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
             if rank:
                 torch.manual_seed(cfg.seed + rank + saved["step"])
         start, tokens_seen, best_val_loss = saved["step"], saved["tokens_seen"], saved["best_val_loss"]
+        best_step, stale_checks = saved.get("best_step"), saved.get("stale_checks", 0)
         loss_sum, loss_n = saved["loss_window"][0].to(device), saved["loss_window"][1]
         records = saved["records"]  # the lines written after the checkpoint are dropped
     if rank == 0:
@@ -451,7 +483,8 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                 "model_config": asdict(model_config), "train_config": asdict(cfg),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": done,
                 "tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rng,
-                "best_val_loss": best_val_loss, "loss_window": [loss_sum.cpu(), loss_n],
+                "best_val_loss": best_val_loss, "best_step": best_step, "stale_checks": stale_checks,
+                "loss_window": [loss_sum.cpu(), loss_n],
                 "records": records,  # metrics.jsonl so far, to rewrite it on resume
                 "parent": str(init_from) if init_from else None}
 
@@ -460,10 +493,18 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     compile_failed = False
     paused = 0.0  # seconds spent on validation and checkpoints, left out of tokens/s
     val_loss, done = None, start
+    # resumed from the checkpoint at which a run stopped early: nothing left to train
+    stopping = 0 < cfg.early_stop_patience <= stale_checks and start < cfg.max_steps
+    if stopping:
+        log(f"early stopping ended the run at this checkpoint (step {start}): nothing left to train")
     t_start = time.perf_counter()
     t_last_log, steps_since_log = t_start, 0
-    with open(out_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext() as metrics:
+    # TensorBoard's copy of metrics.jsonl; purge_step=start hides what a killed run logged after it
+    with (open(out_dir / "metrics.jsonl", "a") if rank == 0 else contextlib.nullcontext()) as metrics, \
+            board.Board(out_dir if rank == 0 else None, purge_step=start) as curves:
         for step in range(start, cfg.max_steps):
+            if stopping:
+                break
             t_step = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -516,6 +557,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                 if rank == 0:
                     metrics.write(json.dumps(record) + "\n")
                     metrics.flush()
+                    curves.add(record)
                 log(f"step {step:6d} | loss {loss:.4f} | lr {lr:.2e} | grad norm {record['grad_norm']:.3f}"
                     f" | {tokens_per_s:,.0f} tok/s | MFU "
                     + (f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a (above the peak probe)"))
@@ -537,9 +579,16 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                     records.append(val)
                     metrics.write(json.dumps(val) + "\n")
                     metrics.flush()
+                    curves.add(val)
                     val_loss = val["val_loss"]
+                    # early stopping asks more of an improvement (min_delta) than best.pt does
+                    beats = best_val_loss is None or val_loss < best_val_loss - cfg.min_delta
+                    stale_checks = 0 if beats else stale_checks + 1
                     improved = best_val_loss is None or val_loss < best_val_loss
                     best_val_loss = val_loss if improved else best_val_loss
+                    best_step = done if improved else best_step
+                stopping = _rank0s(0 < cfg.early_stop_patience <= stale_checks and done < cfg.max_steps,
+                                   world)
                 rng = _rng_states(world)  # a collective: every rank's state, on rank 0
                 if rank == 0:
                     state = checkpoint(done, rng)
@@ -551,6 +600,10 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                         _save(state, out_dir / "best.pt")
                     if done == cfg.max_steps:
                         _save(state, out_dir / "model.pt")
+                if stopping and rank == 0:  # the others have no val loss
+                    log(f"early stop at step {done}: {stale_checks} val checks without beating "
+                        f"{best_val_loss:.4f} (step {best_step}) by more than {cfg.min_delta:g}; "
+                        f"model.pt is best.pt")
                 paused += time.perf_counter() - t_pause
                 t_last_log += time.perf_counter() - t_pause
             if stop_after is not None and done >= stop_after:
@@ -568,7 +621,10 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         tokens_per_s = (ran - 1) * tokens_per_step / max(t_end - t_start - step_seconds[0] - paused, 1e-9)
     else:
         tokens_per_s = ran * tokens_per_step / max(t_end - t_start - paused, 1e-9)
-    if rank == 0 and done == cfg.max_steps:  # not when stopped early
+    ended = "early_stop" if stopping else "max_steps" if done == cfg.max_steps else "stop_after"
+    if rank == 0 and stopping:  # evaluate scores model.pt: the best weights, not the last
+        _save(torch.load(out_dir / "best.pt", weights_only=True), out_dir / "model.pt")
+    if rank == 0 and ended != "stop_after":  # not when interrupted
         _plot(records, out_dir / "loss.png")
     if world > 1:
         dist.barrier()  # no rank leaves before rank 0 has written the files
@@ -581,10 +637,12 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         log(f"{mfu_note} ({peak_source}: {peak:.3g} FLOP/s, "
             f"training {tokens_per_s * flops_per_token:.3g} FLOP/s)")
     if on_progress and ran:
-        on_progress(_progress(done, start, cfg.max_steps, train_records[-1]["loss"] if train_records else None,
-                              tokens_per_s, t_end - t_start))
+        on_progress(_progress(done, start, done if stopping else cfg.max_steps,
+                              train_records[-1]["loss"] if train_records else None, tokens_per_s,
+                              t_end - t_start))
     return {
         "steps": done,
+        "ended": ended,  # max_steps, early_stop, or stop_after (resumable)
         "tokens_seen": tokens_seen,
         "initial_loss": train_records[0]["loss"] if train_records else None,
         "final_loss": sum(r["loss"] for r in last) / len(last) if last else None,
@@ -599,6 +657,9 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         "compile_seconds": compile_seconds,
         "val_loss": val_loss,
         "best_val_loss": best_val_loss,
+        "best_step": best_step,
+        "early_stop": {"patience": cfg.early_stop_patience, "min_delta": cfg.min_delta,
+                       "checks_without_improvement": stale_checks} if cfg.early_stop_patience else None,
         "parent": str(init_from) if init_from else None,
         "resumed_from": str(found[-1]) if found else None,
     }
