@@ -433,11 +433,8 @@ class ArtifactStore:
             for rel, p in files.items():
                 build.out.fs.put_file(str(p), f"{build.out.path}/{rel}")
             # the partitions the workers wrote are hashed where they are
-            prefix = build.out.path.rstrip("/") + "/"
-            for key in build.out.fs.find(build.out.path):
-                rel = key[len(prefix):]
-                if rel not in files and rel != MANIFEST:
-                    files[rel] = build.out / rel
+            for rel in _remote_files(build.out) - set(files) - {MANIFEST}:
+                files[rel] = build.out / rel
         manifest = dict(manifest, stage=stage, version=version, files={
             rel: {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for rel, p in sorted(files.items())})
         text = json.dumps(manifest, indent=2, sort_keys=True, default=str)
@@ -481,6 +478,7 @@ class ArtifactStore:
         if stale:
             shutil.rmtree(copy, ignore_errors=True)
         wanted = listed if files is None else {k: listed[k] for k in files}
+        copy.mkdir(parents=True, exist_ok=True)
         for rel, meta in wanted.items():
             dest = copy / rel
             if dest.is_file() and dest.stat().st_size == meta["bytes"]:
@@ -680,8 +678,7 @@ class ArtifactStore:
         problems = []
         listed = manifest.get("files", {})
         if self.remote:
-            prefix = folder.path.rstrip("/") + "/"
-            on_disk = {key[len(prefix):] for key in folder.fs.find(folder.path)} - {MANIFEST}
+            on_disk = _remote_files(folder) - {MANIFEST}
         else:
             on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()} - {MANIFEST}
         for name in sorted(set(listed) - on_disk):
@@ -728,6 +725,12 @@ class ArtifactStore:
                 problems.append(f"{where}: {stats['docs_in']} documents in, but its input "
                                 f"{inp['stage']}/{inp['version']} kept {given}")
         return problems
+
+
+def _remote_files(folder: Path) -> set[str]:
+    """The files under a remote version's prefix, relative to it (one listing)."""
+    prefix = folder.path.rstrip("/") + "/"
+    return {key[len(prefix):] for key in folder.fs.find(folder.path)}
 
 
 def _rows(folder: Path, where: str, problems: list[str]) -> int | None:

@@ -254,6 +254,11 @@ def test_on_s3_a_lease_is_one_conditional_create_and_a_version_appears_with_its_
     local = other.local("extract", "v1", ["index.sqlite"])  # a checked local copy of one file
     assert (local / "index.sqlite").read_bytes() == b"a file written locally"
     assert not (local / "docs").exists()
+    # an object changed behind the manifest's back is refused, and no copy of it is kept
+    (other.path("extract", "v1") / "docs" / "part-00000.parquet").write_bytes(b"tampered")
+    with pytest.raises(ValueError, match="sha256 differs from its manifest"):
+        other.local("extract", "v1")
+    assert not (local / "docs" / "part-00000.parquet").exists()
 
 
 def test_on_s3_a_dead_builders_prefix_is_taken_over_or_collected(s3_artifacts, monkeypatch):
