@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
+from benchmarks import machine  # noqa: E402
 from flows.store import ArtifactStore  # noqa: E402
 from trainer.data import Shards  # noqa: E402
 from trainer.evaluate import bits_per_byte, token_bytes, val_byte_chunks, val_metrics  # noqa: E402
@@ -44,12 +43,7 @@ from trainer.model import load_model  # noqa: E402
 
 
 def cpu() -> dict:
-    fields = dict(line.split(":", 1) for line in
-                  subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if ":" in line)
-    model = ", ".join(f"{k} {fields[k].strip()}" for k in ("Model name", "CPU family", "Model") if k in fields)
-    return {"cpu": model, "capability": torch.backends.cpu.get_cpu_capability(),
-            "cores": len(os.sched_getaffinity(0)), "threads": torch.get_num_threads(),
-            "quantized_engine": torch.backends.quantized.engine, "torch": torch.__version__}
+    return {**machine.cpu(), "quantized_engine": torch.backends.quantized.engine}
 
 
 def artifact(model: str | None, root: str) -> dict:

@@ -354,6 +354,7 @@ def generate(model: str = MODEL_ARGUMENT,
 
     found = model_artifact(model, root)
     net, _ = load_model(found["model"])
+    _refuse_encoder(net, found, "generate")
     samples = generate_texts(net, Tokenizer.from_file(str(found["tokenizer"])), prompt, n=n,
                              max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k or None, top_p=top_p if top_p < 1 else None, seed=seed)
@@ -361,6 +362,15 @@ def generate(model: str = MODEL_ARGUMENT,
     for sample in samples:
         typer.echo(sample["text"])
         typer.echo("-" * 40)
+
+
+def _refuse_encoder(net, found: dict, command: str) -> None:
+    """A usage error (exit 2) for a masked LM: it has nothing to generate or serve."""
+    if not net.config.causal:
+        typer.echo(f"error: train/{found['version']} is a masked LM (a bidirectional encoder, "
+                   f"train.objective = masked): it fills in [MASK] tokens and cannot {command} text; "
+                   f"`c2m export` writes it for a Hugging Face fill-mask pipeline", err=True)
+        raise typer.Exit(2)
 
 
 @app.command()
@@ -373,8 +383,10 @@ def export(model: str = MODEL_ARGUMENT,
 
     found = model_artifact(model, root)
     path = export_hf(found["model"], found["tokenizer"], out)
+    masked = json.loads((path / "config.json").read_text())["model_type"] == "megatron-bert"
     typer.echo(f"train/{found['version']} -> {path}\n"
-               f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(path)!r})")
+               f"load it with transformers.AutoModelFor{'MaskedLM' if masked else 'CausalLM'}"
+               f".from_pretrained({str(path)!r})")
 
 
 @app.command()
@@ -399,6 +411,7 @@ def serve(model: str = MODEL_ARGUMENT,
     sock = listen(host, port)  # first: a port in use is one error line (exit 1) before any loading
     found = model_artifact(model, root)
     net, _ = load_model(found["model"])
+    _refuse_encoder(net, found, "serve")
     trained = found["manifest"]
     info = {"version": found["version"], "sha256": found["sha256"],
             "lineage": [{"stage": s, "version": v} for s, v in found["lineage"]],

@@ -81,6 +81,10 @@ def check_comparable(variants: list[Variant], cfgs: list[Config], seeds: int) ->
     problems = [f"{v.name} sets {k} = {show_value(f[k])}, {variants[0].name} {show_value(flats[0][k])}"
                 for v, f in zip(variants[1:], flats[1:]) for k in SAME_IN_EVERY_VARIANT
                 if f[k] != flats[0][k]]
+    encoders = [v.name for v, c in zip(variants, cfgs) if c.train.objective == "masked"]
+    if encoders:  # their evaluate has masked-token figures only (trainer.evaluate.MASKED_LEAVES_OUT)
+        problems.append(f"{', '.join(encoders)} set train.objective = masked: variants are ranked by the "
+                        "eval set's bits per byte, which only a causal model has")
     roots = {c.run.artifacts for c in cfgs}
     if len(roots) > 1:
         problems.append(f"the variants use different artifact roots ({', '.join(sorted(roots))}); "

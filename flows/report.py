@@ -139,6 +139,12 @@ def _train(s: dict) -> list[str]:
     lines.append(f"- {s['tokens_per_s']:,.0f} tokens/s, {mfu}; {s['seconds']:.0f} s{compiling}")
     if s.get("parent"):
         lines.append(f"- fine-tuned from train/{s['parent']['version']}")
+    if s.get("lora"):
+        lora = s["lora"]
+        lines.append(f"- LoRA rank {lora['rank']} (alpha {lora['alpha']:g}, dropout {lora['dropout']:g}) "
+                     f"on {', '.join(lora['targets'])}: {lora['trainable_params']:,} parameters trained "
+                     f"({lora['trainable_share']:.2%}); checkpoints hold the adapters, model.pt the "
+                     f"merged model")
     if s.get("resumed_from"):
         lines.append(f"- resumed from {escape(Path(s['resumed_from']).name)} of an interrupted run")
     return lines + ["", "![loss](loss.png)"]
@@ -154,7 +160,31 @@ def _ended(s: dict) -> str:
     return f"- ran to max_steps: early stopping ({rule}) did not fire"
 
 
+def _evaluate_masked(s: dict) -> list[str]:
+    """A masked LM's figures: masked-token loss and accuracy (fixed masks, trainer.masked)."""
+    held = s.get("eval")
+    lines = [f"- **masked LM: masked-token accuracy {s['accuracy']:.3f} on val**"
+             + (f", **{held['accuracy']:.3f} on the eval set** ({held['docs']:,} documents held out "
+                f"before filtering, {held['tokens']:,} masked tokens)" if held else ""),
+             f"- val: masked-token loss {s['loss']:.4f} nats (unigram entropy {s['unigram_entropy']:.4f}, "
+             f"beats unigram: **{s['beats_unigram']}**), top-5 accuracy {s['top5_accuracy']:.3f}, over "
+             f"{s['tokens_evaluated']:,} masked of {s['window_tokens']:,} val tokens",
+             f"- {escape(s['left_out'])}"]
+    eval_rows = {r["step"]: r for r in (held or {}).get("curve", [])}
+    if s.get("curve"):
+        lines += ["", "Per checkpoint, masked tokens of the same val windows (and of the eval set):", ""]
+        lines += _table([(r["step"], f"{r['loss']:.4f}", f"{r['accuracy']:.3f}", f"{r['top5_accuracy']:.3f}",
+                          *((f"{eval_rows[r['step']]['loss']:.4f}", f"{eval_rows[r['step']]['accuracy']:.3f}")
+                            if r["step"] in eval_rows else ("", "")))
+                         for r in s["curve"]],
+                        ("step", "val loss", "val accuracy", "val top-5", "eval loss", "eval accuracy"))
+        lines += ["", "![val curve](val_curve.png)"]
+    return lines
+
+
 def _evaluate(s: dict) -> list[str]:
+    if s.get("objective") == "masked":
+        return _evaluate_masked(s)
     rows = [("model", f"{s['loss']:.4f}", f"{s['bits_per_byte']:.4f}"),
             ("unigram (val tokens' own entropy)", f"{s['unigram_entropy']:.4f}",
              f"{s['unigram_bits_per_byte']:.4f}")]
@@ -256,6 +286,11 @@ def _slowest(s: dict, out_dir: Path) -> list[str]:
 def _samples(s: dict, out_dir: Path) -> list[str]:
     lines = ["## Samples", ""] if s.get("samples") else []
     for sample in s.get("samples") or ():
+        if "masked" in sample:  # a masked LM's fill-mask example (trainer.masked)
+            lines += [f"{sample['correct']} of {sample['masked']} masked tokens guessed right:", "",
+                      *fenced(sample["prompt"]), "", "the model's guesses:", "", *fenced(sample["text"]), "",
+                      "the original:", "", *fenced(sample["answer"]), ""]
+            continue
         lines += [f"prompt {code(repr(sample['prompt']))}:", "", *fenced(sample["text"]), ""]
     return lines
 
@@ -349,7 +384,9 @@ KEY_FIGURES = {
     "train": lambda s: f"{s['steps']:,} steps" + (" (early stop)" if s.get("ended") == "early_stop" else "")
                        + f", {s['tokens_per_s']:,.0f} tokens/s",
     "evaluate": lambda s: f"{s['bits_per_byte']:.3f} val bits/byte"
-                          + (f", eval {s['eval']['bits_per_byte']:.3f}" if s.get("eval") else ""),
+                          + (f", eval {s['eval']['bits_per_byte']:.3f}" if s.get("eval") else "")
+    if s.get("objective") != "masked" else f"masked-token accuracy {s['accuracy']:.3f} val"
+                          + (f", eval {s['eval']['accuracy']:.3f}" if s.get("eval") else ""),
 }
 
 

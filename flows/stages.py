@@ -429,9 +429,11 @@ def build_evaluate(ctx: StageContext) -> dict:
     final = metrics["checkpoint_step"]
     earlier = [p for p in sorted((ctx.inputs["train"] / "checkpoints").glob("step_*.pt"))
                if int(p.stem.removeprefix("step_")) != final]
-    curve = evaluate_checkpoints(earlier, val, metrics["tokens_per_byte"], e.batch_size, e.max_tokens or None)
+    # a masked LM has no bits per byte (metrics["left_out"] says why): its curves are loss and accuracy
+    curve = evaluate_checkpoints(earlier, val, metrics.get("tokens_per_byte"), e.batch_size, e.max_tokens or None)
     curve.append({"step": final, "tokens": metrics["tokens_evaluated"],
-                  **{k: metrics[k] for k in ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte")}})
+                  **{k: metrics[k] for k in ("loss", "perplexity", "accuracy", "top5_accuracy", "bits_per_byte")
+                     if k in metrics}})
     # the eval set, in this run's tokens: bits per byte compare across tokenizers and filters
     tok_path = ctx.inputs["tokenizer"] / "tokenizer.json"
     held = write_document_tokens(read_texts(eval_partitions(ctx.inputs["holdout"])),
@@ -446,7 +448,7 @@ def build_evaluate(ctx: StageContext) -> dict:
     # early stopping makes model.pt (appended last) an earlier step than the newest checkpoints
     curve.sort(key=lambda r: r["step"])
     eval_curve.sort(key=lambda r: r["step"])
-    plot_curve(curve, ctx.local_out / "val_curve.png", metrics["compressors"], eval_curve)
+    plot_curve(curve, ctx.local_out / "val_curve.png", metrics.get("compressors"), eval_curve)
     # the train loop generates no text: the samples go to TensorBoard from here
     write_evaluation(ctx.local_out, metrics)
     metrics["curve"] = curve
@@ -471,10 +473,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in [
     Stage("shard", ("dedup", "tokenizer"), ("shard", "split"), ("corpus.shard", "trainer.data"), build_shard),
     Stage("train", ("shard",), ("train",),
           ("trainer.model", "trainer.train", "trainer.data", "trainer.perf", "trainer.evaluate",
-           "trainer.board"), build_train,
+           "trainer.board", "trainer.masked", "trainer.lora"), build_train,
           identity=train_identity),
     Stage("evaluate", ("train", "shard", "tokenizer", "holdout"), ("evaluate",),
-          ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data", "trainer.board"),
+          ("trainer.evaluate", "trainer.generate", "trainer.model", "trainer.data", "trainer.board",
+           "trainer.masked", "trainer.lora"),  # lora: adapter checkpoints are merged to be scored
           build_evaluate),
 ]}
 ORDER = list(STAGES)

@@ -204,6 +204,30 @@ def test_fine_tune_from_a_model_artifact_keeps_its_tokenizer(first_run):
     assert "fine-tuned from train/" in (store.path("train", tuned["train"]) / "report.md").read_text()
 
 
+def test_lora_fine_tune_through_the_flow(first_run):
+    from flows.flow import corpus_to_model
+    from trainer.model import load_model
+
+    store, overrides, versions, _ = first_run
+    tuned = corpus_to_model(config="configs/demo.toml", overrides={
+        **overrides, "train.init_from": versions["train"][:10], "train.lora.rank": 8,
+        "train.checkpoint_every": 2, "train.learning_rate": 1e-3, "train.min_lr": 1e-4})
+    folder = store.path("train", tuned["train"])
+    stats = store.manifest("train", tuned["train"])["stats"]
+    assert stats["lora"]["trainable_params"] == 1 * 8 * 16 * 32  # 1 block of width 32, 4 Linears
+    assert "LoRA rank 8" in (folder / "report.md").read_text()
+    # adapter-only checkpoints, a merged model.pt with the parent's shape
+    step = torch.load(sorted((folder / "checkpoints").glob("step_*.pt"))[0], weights_only=True)
+    assert "model" not in step and step["adapter"]
+    parent, _ = load_model(store.path("train", versions["train"]) / "model.pt")
+    merged, _ = load_model(folder / "model.pt")
+    assert merged.state_dict().keys() == parent.state_dict().keys()
+    # evaluate scored the merged model and, through their base, the adapter checkpoints
+    evaluated = store.manifest("evaluate", tuned["evaluate"])["stats"]
+    assert [r["step"] for r in evaluated["curve"]][-1] == stats["steps"] and len(evaluated["curve"]) >= 2
+    assert evaluated["curve"][-1]["loss"] == evaluated["loss"]
+
+
 def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
     import trainer.train
     from flows.flow import corpus_to_model
@@ -292,3 +316,41 @@ def test_the_eval_set_is_held_out_before_filtering_and_scored(first_run):
     assert steps == sorted(steps) and steps[-1] == metrics["checkpoint_step"]
     assert scored["curve"][-1]["tokens_seen"] == store.manifest("train", versions["train"])["stats"]["tokens_seen"]
     assert "eval set:" in (store.path("evaluate", versions["evaluate"]) / "report.md").read_text()
+
+
+def test_masked_objective_through_the_flow(first_run, tmp_path):
+    """train.objective = masked on the same corpus: only train and evaluate rebuild (the
+    tokenizer and shards are shared), evaluate reports masked-token figures, and the CLI
+    refuses to generate or serve the encoder but exports it as a masked LM."""
+    import subprocess
+    import sys
+
+    from flows.flow import corpus_to_model
+    from flows.report import key_figure
+
+    store, overrides, versions, _ = first_run
+    encoder = corpus_to_model(config="configs/demo.toml", overrides={
+        **overrides, "train.objective": "masked", "train.checkpoint_every": 3})
+    assert [s for s in ORDER if encoder[s] != versions[s]] == ["train", "evaluate"]
+    evaluated = store.manifest("evaluate", encoder["evaluate"])
+    s = evaluated["stats"]
+    assert s["objective"] == "masked" and 0 <= s["accuracy"] <= 1 and s["tokens_evaluated"] > 0
+    assert [r["step"] for r in s["curve"]] == [3, 6] and "bits_per_byte" not in s["curve"][0]
+    assert 0 <= s["eval"]["accuracy"] <= 1 and [r["step"] for r in s["eval"]["curve"]] == [3, 6]
+    report = (store.path("evaluate", encoder["evaluate"]) / "report.md").read_text()
+    assert "masked-token accuracy" in report and "bits per byte, the compressor anchors" in report
+    assert "masked tokens guessed right" in report  # the fill-mask examples
+    assert key_figure(evaluated).startswith("masked-token accuracy")
+
+    def c2m(*args):
+        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],
+                              capture_output=True, text=True, timeout=120)
+
+    for command in (["generate", "-p", "The"], ["serve", "--port", "0"]):
+        refused = c2m(command[0], encoder["train"][:10], *command[1:])
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.count("\n") == 1 and "masked LM" in refused.stderr
+    exported = c2m("export", encoder["train"][:10], "--out", str(tmp_path / "hf"))
+    assert exported.returncode == 0, exported.stderr
+    assert "AutoModelForMaskedLM" in exported.stdout
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "megatron-bert"

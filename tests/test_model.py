@@ -44,6 +44,21 @@ def test_gradcheck_with_a_chunk_that_does_not_divide_the_rows():
     assert torch.autograd.gradcheck(lambda h, w: chunked_cross_entropy(h, w, targets, chunk=7), (h, weight))
 
 
+def test_a_frozen_head_gets_no_gradient_and_the_states_the_same_one():
+    """LoRA freezes the tied embedding/head: its gradient is not made at all."""
+    torch.manual_seed(0)
+    h = torch.randn(2, 13, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(VOCAB, 8, dtype=torch.float64)
+    targets = torch.randint(0, VOCAB, (2, 13))
+    (grad_h,) = torch.autograd.grad(chunked_cross_entropy(h, weight, targets, chunk=7), h)
+    trainable = weight.clone().requires_grad_()
+    expected, grad_weight = torch.autograd.grad(chunked_cross_entropy(h, trainable, targets, chunk=7),
+                                                (h, trainable))
+    torch.testing.assert_close(grad_h, expected, rtol=0, atol=0)
+    assert grad_weight.abs().sum() > 0
+    assert torch.autograd.gradcheck(lambda h: chunked_cross_entropy(h, weight, targets, chunk=7), (h,))
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 39, 1000])  # 39 rows: one row, uneven, exact, all in one
 def test_float32_matches_the_plain_path_at_any_chunk_size(chunk):
     torch.manual_seed(0)

@@ -35,7 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 BLOCK = 32
 INFO = {"version": "v-test", "sha256": "ab" * 32,
-        "lineage": [{"stage": "train", "version": "v-test"}, {"stage": "tokenizer", "version": "t1"}]}
+        "lineage": [{"stage": "train", "version": "v-test"}, {"stage": "tokenizer", "version": "t1"}],
+        # a diverged run's manifest: strict JSON has no NaN, /model must still answer
+        "train": {"stats": {"final_loss": float("nan"), "losses": [1.5, float("inf")]}}}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,7 @@ def test_health_and_model(served):
     assert info["lineage"] == INFO["lineage"] and info["int8"] is False
     assert info["model_config"] == asdict(served.model.config)
     assert info["limits"] == {"max_prompt_tokens": BLOCK - 1, "max_tokens": 1024}
+    assert info["train"]["stats"] == {"final_loss": None, "losses": [1.5, None]}
 
 
 def test_generate_is_seeded_and_samples_as_c2m_generate(served):

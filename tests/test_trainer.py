@@ -292,7 +292,7 @@ def test_checkpoint_round_trip(trained, synthetic_shards):
     assert raw["step"] == 60 and raw["tokens_seen"] == stats["tokens_seen"]
     assert raw["train_config"]["learning_rate"] == TRAIN_CFG.learning_rate
     assert raw["model_config"] == {"vocab_size": VOCAB, "block_size": 32, "n_layer": 2, "n_head": 2,
-                                   "n_embd": 32, "dropout": 0.0, "bias": True}
+                                   "n_embd": 32, "dropout": 0.0, "bias": True, "causal": True}
     model, _ = load_model(out / "model.pt")
     assert model.lm_head.weight is model.wte.weight  # tying survives the reload
     x, y = EpochLoader(Shards(synthetic_shards[0]), 32, 4, seed=5).next_batch()

@@ -73,7 +73,10 @@ def write_evaluation(out_dir: Path, metrics: dict) -> None:
         for record in metrics.get("eval", {}).get("curve", []):
             step = max(record["step"] - 1, 0)
             writer.add_scalar("heldout/loss", record["loss"], step)
-            writer.add_scalar("heldout/bits_per_byte", record["bits_per_byte"], step)
+            # a masked LM's records have masked-token accuracy instead of bits per byte
+            for key in ("bits_per_byte", "accuracy"):
+                if key in record:
+                    writer.add_scalar(f"heldout/{key}", record[key], step)
         if metrics.get("samples"):
             writer.add_text("samples", samples_markdown(metrics["samples"]),
                             max(metrics["checkpoint_step"] - 1, 0))

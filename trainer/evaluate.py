@@ -34,6 +34,7 @@ from tokenizers import Tokenizer
 
 from trainer.data import Shards
 from trainer.generate import generate_texts
+from trainer.masked import fill_mask_examples, val_batch_logits
 from trainer.model import load_model
 
 # name -> a fresh streaming compressor (.compress(chunk), .flush()) at the CLI's setting
@@ -86,7 +87,9 @@ def val_metrics(model: torch.nn.Module, shards: Shards, batch_size: int,
 
     `tokens` is the number of targets evaluated. Works on a model on any device and under
     the caller's autocast; the model is put in eval mode and given back in the mode it
-    was in, so the train loop can call this between steps.
+    was in, so the train loop can call this between steps. An encoder (masked LM) gets
+    the same figures over the masked tokens of those windows, each masked with its fixed
+    masks (trainer.masked.val_batch_logits).
     """
     block_size = model.config.block_size
     device = next(model.parameters()).device
@@ -97,12 +100,16 @@ def val_metrics(model: torch.nn.Module, shards: Shards, batch_size: int,
         total_loss = torch.zeros((), dtype=torch.float64, device=device)
         correct1 = torch.zeros((), dtype=torch.int64, device=device)
         correct5 = torch.zeros((), dtype=torch.int64, device=device)
-        n = 0
+        n = seen = 0
         windows = shards.sequential_windows(block_size, max_tokens)
         while batch := [w for _, w in zip(range(batch_size), windows)]:
-            x = torch.stack([w[0] for w in batch]).to(device, non_blocking=True)
-            y = torch.stack([w[1] for w in batch]).to(device, non_blocking=True).view(-1)
-            logits, _ = model(x)
+            x = torch.stack([w[0] for w in batch])
+            if model.config.causal:
+                logits, _ = model(x.to(device, non_blocking=True))
+                y = torch.stack([w[1] for w in batch]).to(device, non_blocking=True).view(-1)
+            else:
+                logits, y = val_batch_logits(model, x, seen)
+            seen += len(batch)
             # cross-entropy in float32 whatever the autocast dtype; summed in float64 so a
             # long eval does not lose the small terms
             logits = logits.float().view(-1, logits.size(-1))
@@ -243,6 +250,8 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path,
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(f"{tokenizer_path} has {tokenizer.get_vocab_size()} tokens but {checkpoint} "
                          f"was trained on {model.config.vocab_size}; pass the run's own tokenizer")
+    if not model.config.causal:
+        return evaluate_encoder(model, ckpt, shards, tokenizer, cfg)
 
     metrics = val_metrics(model, shards, cfg.batch_size, max_tokens)
     n_tokens = metrics["tokens"]
@@ -271,6 +280,7 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path,
     else:
         texts = []
     return {
+        "objective": "causal",
         "checkpoint_step": int(ckpt.get("step", 0)),
         "n_params": model.num_params(),
         "block_size": block_size,
@@ -291,12 +301,48 @@ def evaluate(checkpoint: Path, val_shards: list[Path], tokenizer_path: Path,
     }
 
 
-def evaluate_checkpoints(checkpoint_paths: list[Path], val_shards: list[Path], tokens_per_byte: float,
+MASKED_LEAVES_OUT = ("bits per byte, the compressor anchors and text samples are left out: they "
+                     "measure a model that predicts every next token from the ones before it, while "
+                     "a masked LM predicts 15% of the tokens from both sides, so its loss is not a "
+                     "code length for the text; the unigram entropy stays as the context-free baseline")
+
+
+def evaluate_encoder(model: torch.nn.Module, ckpt: dict, shards: Shards, tokenizer: Tokenizer,
+                     cfg: EvaluateConfig) -> dict:
+    """evaluate for a masked LM: masked-token loss and accuracy on the val windows (fixed
+    masks), the unigram baseline, and fill-mask examples in place of samples."""
+    max_tokens = cfg.max_tokens or None
+    metrics = val_metrics(model, shards, cfg.batch_size, max_tokens)
+    counts = np.zeros(model.config.vocab_size, dtype=np.int64)
+    for x, _ in shards.sequential_windows(model.config.block_size, max_tokens):
+        counts += np.bincount(x.numpy(), minlength=len(counts))
+    # the masked positions are a uniform sample of these tokens: the same baseline in expectation
+    unigram = unigram_entropy(counts)
+    return {
+        "objective": "masked",
+        "checkpoint_step": int(ckpt.get("step", 0)),
+        "n_params": model.num_params(),
+        "block_size": model.config.block_size,
+        "loss": metrics["loss"],
+        "perplexity": metrics["perplexity"],
+        "accuracy": metrics["accuracy"],
+        "top5_accuracy": metrics["top5_accuracy"],
+        "tokens_evaluated": metrics["tokens"],  # masked positions
+        "window_tokens": int(counts.sum()),
+        "unigram_entropy": unigram,
+        "beats_unigram": metrics["loss"] < unigram,
+        "left_out": MASKED_LEAVES_OUT,
+        "samples": fill_mask_examples(model, shards, tokenizer, cfg.samples, cfg.sample_tokens),
+    }
+
+
+def evaluate_checkpoints(checkpoint_paths: list[Path], val_shards: list[Path], tokens_per_byte: float | None,
                          batch_size: int = 16, max_tokens: int | None = None,
                          device: str = "cpu") -> list[dict]:
     """The val curve over a run's kept checkpoints: step, val_metrics and bits per byte, by step.
 
-    `tokens_per_byte` is the ratio `evaluate` reports for the same windows.
+    `tokens_per_byte` is the ratio `evaluate` reports for the same windows; None (masked
+    LM) leaves bits per byte out.
     """
     shards = Shards(val_shards)
     records = []
@@ -304,7 +350,8 @@ def evaluate_checkpoints(checkpoint_paths: list[Path], val_shards: list[Path], t
         model, ckpt = load_model(path, device)
         m = val_metrics(model, shards, batch_size, max_tokens)
         records.append({"step": int(ckpt.get("step", 0)), **m,
-                         "bits_per_byte": bits_per_byte(m["loss"], tokens_per_byte)})
+                        **({"bits_per_byte": bits_per_byte(m["loss"], tokens_per_byte)}
+                           if tokens_per_byte and model.config.causal else {})})
     return sorted(records, key=lambda r: r["step"])
 
 
@@ -312,13 +359,19 @@ def heldout_curve(checkpoint_paths: list[Path], shards_paths: list[Path], tokeni
                   batch_size: int = 16, device: str = "cpu") -> list[dict]:
     """Each checkpoint's loss, accuracy and bits per byte on every token of a held-out
     set (no max_tokens, so models on other tokenizers are scored on the same bytes, up to
-    the last window's remainder). By step; `bytes` is what the targets decode to."""
+    the last window's remainder). By step; `bytes` is what the targets decode to. A masked
+    LM's records have its masked-token loss and accuracy, and no bytes."""
     shards = Shards(shards_paths)
     tokenizer = Tokenizer.from_file(str(tokenizer_path))
     table = token_bytes(tokenizer, tokenizer_path)
     records, n_bytes = [], None
     for path in checkpoint_paths:
         model, ckpt = load_model(path, device)
+        if not model.config.causal:
+            m = val_metrics(model, shards, batch_size, None)
+            records.append({"step": int(ckpt.get("step", 0)), "loss": m["loss"], "accuracy": m["accuracy"],
+                            "top5_accuracy": m["top5_accuracy"], "tokens": m["tokens"]})
+            continue
         if n_bytes is None:  # the windows depend on block_size only: the same for every checkpoint
             n_bytes = sum(len(chunk) for chunk, _ in
                           val_byte_chunks(shards, model.config.block_size, None, table))
@@ -335,7 +388,8 @@ def heldout_curve(checkpoint_paths: list[Path], shards_paths: list[Path], tokeni
 def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | None = None,
                heldout: list[dict] | None = None) -> None:
     """Val loss and bits per byte against step; the compressors' bits per byte as flat
-    lines; the eval set's bits per byte (`heldout`, from heldout_curve) beside val's."""
+    lines; the eval set's bits per byte (`heldout`, from heldout_curve) beside val's. Records
+    without bits per byte (a masked LM's) get masked-token accuracy in that panel."""
     # The object API with an Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -346,15 +400,16 @@ def plot_curve(records: list[dict], path: Path, compressors: dict[str, float] | 
     loss_ax, bpb_ax = fig.subplots(1, 2)
     steps = [r["step"] for r in records]
     loss_ax.plot(steps, [r["loss"] for r in records], marker="o", color="tab:blue")
-    loss_ax.set_ylabel("val loss (nats/token)")
-    bpb_ax.plot(steps, [r["bits_per_byte"] for r in records], marker="o", color="tab:blue", label="model, val")
+    right = "bits_per_byte" if all("bits_per_byte" in r for r in records) else "accuracy"
+    loss_ax.set_ylabel("val loss (nats/token)" if right == "bits_per_byte" else "val masked-token loss (nats)")
+    bpb_ax.plot(steps, [r[right] for r in records], marker="o", color="tab:blue", label="model, val")
     if heldout:
-        bpb_ax.plot([r["step"] for r in heldout], [r["bits_per_byte"] for r in heldout], marker="s",
+        bpb_ax.plot([r["step"] for r in heldout], [r[right] for r in heldout], marker="s",
                     color="tab:cyan", label="model, eval set")
     for (name, bpb), color in zip((compressors or {}).items(), ["tab:orange", "tab:green", "tab:red",
                                                                  "tab:purple", "tab:brown"]):
         bpb_ax.axhline(bpb, linestyle="--", color=color, label=name)
-    bpb_ax.set_ylabel("bits per byte")
+    bpb_ax.set_ylabel("bits per byte" if right == "bits_per_byte" else "masked-token accuracy")
     bpb_ax.legend(fontsize="small")
     for ax in (loss_ax, bpb_ax):
         ax.set_xlabel("step")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -181,8 +182,8 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, info: dict, int8: bool = 
     def health() -> dict:
         return {"status": "ok", "model": f"train/{version}"}
 
-    model_info = {**info, "int8": int8, "model_config": asdict(config),
-                  "limits": {"max_prompt_tokens": block_size - 1, "max_tokens": MAX_TOKENS}}
+    model_info = _json_safe({**info, "int8": int8, "model_config": asdict(config),
+                             "limits": {"max_prompt_tokens": block_size - 1, "max_tokens": MAX_TOKENS}})
 
     @api.get("/model")
     def describe() -> dict:
@@ -191,3 +192,15 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, info: dict, int8: bool = 
         return model_info
 
     return api
+
+
+def _json_safe(value):
+    """`value` with NaN and infinities as null: strict JSON has no such numbers, and a
+    manifest may hold them (a loss that diverged)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -77,7 +77,8 @@ def command(train_shards: list[Path], vocab_size: int, cfg, out_dir: Path, *,
     if stop_after is not None:
         cmd += ["--stop-after", str(stop_after)]
     for key, value in asdict(cfg).items():  # JSON scalars are TOML values, which --set reads
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
+        for field, v in value.items() if isinstance(value, dict) else [("", value)]:  # [train.lora]
+            cmd += ["--set", f"{key}.{field}={json.dumps(v)}" if field else f"{key}={json.dumps(v)}"]
     return cmd
 
 

@@ -68,9 +68,14 @@ def flops_per_token(config: GPTConfig, seq_len: int) -> float:
     Attention: q.k^T and att.v are each 2*T*C FLOPs per token per layer forward, times 3
     for forward + backward = 12*L*C*T. That counts the full T x T square, as PaLM and
     nanoGPT do, although the causal mask makes half of it skippable.
+    An encoder (masked LM) runs its head, BERT's C x C dense and the V x C output, on the
+    masked positions only: that share of them per token.
     """
+    from trainer.masked import masks_per_window
+
     L, C, V = config.n_layer, config.n_embd, config.vocab_size
-    matmul_params = L * 12 * C * C + V * C
+    head = V * C if config.causal else masks_per_window(seq_len) / seq_len * (C * C + V * C)
+    matmul_params = L * 12 * C * C + head
     return 6.0 * matmul_params + 12.0 * L * C * seq_len
 
 

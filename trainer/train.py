@@ -38,8 +38,9 @@ from pydantic import ConfigDict, Field, ValidationError, model_validator
 from pydantic.dataclasses import dataclass
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer import board, launch, perf
+from trainer import board, launch, lora, masked, perf
 from trainer.data import EpochLoader, Shards
+from trainer.lora import LoraConfig
 from trainer.model import GPT, GPTConfig, load_model
 
 FINAL_LOSS_LOGS = 5  # final_loss averages this many of the last logged losses (step 0's never)
@@ -55,6 +56,9 @@ class TrainConfig:
     n_embd: int = Field(256, ge=1, le=65536, description="width; a multiple of n_head")
     block_size: int = Field(256, ge=1, le=1 << 20, description="context length in tokens")
     dropout: float = Field(0.0, ge=0, lt=1)
+    objective: Literal["causal", "masked"] = Field("causal", description=(
+        "causal: a GPT with next-token loss; masked: a bidirectional encoder with BERT's "
+        "masked-token loss (15% of positions, 80/10/10; trainer/masked.py)"))
     # optimisation
     batch_size: int = Field(16, ge=1, le=1 << 16, description="windows per micro-step per process")
     grad_accum_steps: int = Field(1, ge=1, le=1 << 16, description="micro-steps per optimizer step")
@@ -99,6 +103,7 @@ class TrainConfig:
         "early stopping: a val loss counts as an improvement only below the best minus this"))
     init_from: str = Field("", description=(
         "fine-tune: a train version (or prefix) or a train artifact folder"))
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     # device and dtype as resolved on this machine, and the parent model, are in the
     # train stage's identity instead; activation checkpointing recomputes the same values
@@ -112,6 +117,9 @@ class TrainConfig:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
         if self.min_lr > self.learning_rate:
             raise ValueError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate})")
+        if self.lora.rank and not self.init_from:
+            raise ValueError("lora.rank > 0 fine-tunes a trained model with adapters: set "
+                             "init_from to a train version or folder (or lora.rank = 0)")
         if self.early_stop_patience and not self.checkpoint_every:
             raise ValueError("early_stop_patience counts the val checks at checkpoints: set "
                              "checkpoint_every above 0")
@@ -152,10 +160,12 @@ def param_groups(model: GPT, weight_decay: float) -> list[dict]:
     either (model.parameters() yields the shared tensor once, as wte.weight).
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in embeddings]
+    params = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embeddings]
     chosen = {id(p) for p in decay}
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": [p for p in model.parameters() if id(p) not in chosen], "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 def _optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -380,16 +390,23 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         model_config = GPTConfig(**saved["model_config"])
         init_from = Path(saved["parent"]) if saved["parent"] else None
     elif init_from is not None:
-        parent, parent_ckpt = load_model(init_from)
-        if parent.config.vocab_size != vocab_size:
-            raise ValueError(f"{init_from} was trained with vocab_size {parent.config.vocab_size}, "
+        parent, _ = load_model(init_from)
+        # an encoder's vocabulary has [MASK] after the tokenizer's (trainer.masked)
+        tokens = parent.config.vocab_size - (not parent.config.causal)
+        if tokens != vocab_size:
+            raise ValueError(f"{init_from} was trained with vocab_size {tokens}, "
                              f"but these shards have vocab_size {vocab_size}: fine-tune on shards "
                              f"made with the parent's tokenizer")
         model_config = replace(parent.config, dropout=cfg.dropout)
         log(f"fine-tuning {init_from}: its shape {model_config} replaces the config's")
     else:
-        model_config = GPTConfig(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                                 n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
+        model_config = GPTConfig(vocab_size=vocab_size if cfg.objective == "causal" else
+                                 masked.model_vocab_size(vocab_size), block_size=cfg.block_size,
+                                 n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                                 dropout=cfg.dropout, causal=cfg.objective == "causal")
+    if model_config.causal != (cfg.objective == "causal"):
+        raise ValueError(f"train.objective is {cfg.objective!r}, but the model to continue is "
+                         f"{'causal' if model_config.causal else 'masked'}: set train.objective to match")
     # measured before seeding: the measurement draws random matrices
     peak, peak_source = perf.peak_flops(device, dtype) if rank == 0 else (float("nan"), "")
     peak *= world  # the peak of all ranks together, as tokens/s counts all ranks
@@ -397,7 +414,19 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     raw_model = GPT(model_config)
     raw_model.activation_checkpointing = cfg.activation_checkpointing
     if saved is None and init_from is not None:
-        raw_model.load_state_dict(parent_ckpt["model"])
+        raw_model.load_state_dict(parent.state_dict())
+    peft_model, base_digest = None, None  # LoRA: peft's wrapper of raw_model, the base's digest
+    if cfg.lora.rank:
+        if init_from is None:
+            raise ValueError("train.lora.rank > 0 adapts a trained model: give init_from (its model.pt)")
+        if saved is not None:  # the adapters resume over their frozen base
+            raw_model.load_state_dict(load_model(init_from)[0].state_dict())
+        base_digest = lora.weights_digest(raw_model.state_dict())
+        peft_model = lora.add_adapters(raw_model, cfg.lora)  # the same init on every rank
+        n_trainable, n_all = lora.trainable(raw_model)
+        log(f"LoRA rank {cfg.lora.rank} (alpha {cfg.lora.alpha:g}) on {', '.join(cfg.lora.targets)}: "
+            f"{n_trainable:,} of {n_all:,} parameters train ({n_trainable / n_all:.2%}); "
+            f"checkpoints hold the adapters only, model.pt the merged model")
     raw_model.to(device).train()
     torch.manual_seed(cfg.seed + rank)  # dropout masks differ between ranks
     optimizer = _optimizer(raw_model, cfg)
@@ -427,7 +456,17 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     best_step, stale_checks = None, 0  # best.pt's step; val checks since the last improvement
     loss_sum, loss_n = torch.zeros((), device=device), 0  # train loss since the last log line
     if saved is not None:
-        raw_model.load_state_dict(saved["model"])
+        if ("adapter" in saved) != bool(peft_model):
+            raise ValueError(f"{found[-1]} was written with lora.rank "
+                             f"{saved['train_config'].get('lora', {}).get('rank', 0)}, this run has "
+                             f"{cfg.lora.rank}: resume with its settings, or train in an empty folder")
+        if peft_model:
+            if saved["base"]["digest"] != base_digest:
+                raise ValueError(f"{init_from} is not the base model the adapters in {found[-1]} "
+                                 f"were trained on (its weights differ)")
+            lora.load_adapter_state(peft_model, saved["adapter"])
+        else:
+            raw_model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scaler.load_state_dict(saved["scaler"])
         loader.load_state_dict(saved["loader"])
@@ -455,11 +494,13 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
     def micro_steps() -> torch.Tensor:
         step_loss = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum_steps):
-            x, y = (t.to(device, non_blocking=True) for t in loader.next_batch())
+            # masked: (inputs, targets, positions), the loss on the masked positions only
+            batch = loader.next_batch() if model_config.causal else \
+                masked.next_masked_batch(loader, masked.mask_token_id(model_config))
             # under DDP, all-reduce the gradients only once, after the last micro-step
             sync = micro == cfg.grad_accum_steps - 1 or world == 1
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
+                _, loss = model(*(t.to(device, non_blocking=True) for t in batch))
                 loss = loss / cfg.grad_accum_steps  # the gradient of the mean over all micro-batches
             scaler.scale(loss).backward()
             step_loss += loss.detach()
@@ -472,14 +513,25 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
             m = val_metrics(raw_model, val_data, cfg.batch_size, cfg.eval_tokens or None)
         record = {"step": step, "val_loss": m["loss"], "val_accuracy": m["accuracy"],
                   "val_top5_accuracy": m["top5_accuracy"], "val_tokens": m["tokens"]}
-        if val_tokens_per_byte:
+        if val_tokens_per_byte and model_config.causal:  # masked: the loss is not over every byte
             record["val_bits_per_byte"] = bits_per_byte(m["loss"], val_tokens_per_byte)
-        log(f"val    {step:6d} | loss {m['loss']:.4f} | accuracy {m['accuracy']:.3f}"
-            + (f" | {record['val_bits_per_byte']:.3f} bits/byte" if val_tokens_per_byte else ""))
+        log(f"val    {step:6d} | {'' if model_config.causal else 'masked-token '}loss {m['loss']:.4f} "
+            f"| accuracy {m['accuracy']:.3f}"
+            + (f" | {record['val_bits_per_byte']:.3f} bits/byte" if "val_bits_per_byte" in record else ""))
         return record
 
+    def weights() -> dict:
+        if peft_model:  # the adapters only; their base is the parent model, checked on loading
+            return {"adapter": lora.adapter_state(peft_model), "lora": asdict(cfg.lora),
+                    "base": {"path": str(init_from), "digest": base_digest}}
+        return {"model": raw_model.state_dict()}  # the plain GPT: no "_orig_mod."/"module." prefixes
+
+    def final_model(state: dict) -> dict:
+        """model.pt: a plain model that evaluate, generate and export load (LoRA: merged)."""
+        return {**state, "model": lora.merged_state(peft_model)} if peft_model else state
+
     def checkpoint(done: int, rng: list[dict]) -> dict:
-        return {"model": raw_model.state_dict(),  # the plain GPT: no "_orig_mod."/"module." prefixes
+        return {**weights(),
                 "model_config": asdict(model_config), "train_config": asdict(cfg),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": done,
                 "tokens_seen": tokens_seen, "loader": loader.state_dict(), "rng": rng,
@@ -599,7 +651,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                     if improved:
                         _save(state, out_dir / "best.pt")
                     if done == cfg.max_steps:
-                        _save(state, out_dir / "model.pt")
+                        _save(final_model(state), out_dir / "model.pt")
                 if stopping and rank == 0:  # the others have no val loss
                     log(f"early stop at step {done}: {stale_checks} val checks without beating "
                         f"{best_val_loss:.4f} (step {best_step}) by more than {cfg.min_delta:g}; "
@@ -623,7 +675,10 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         tokens_per_s = ran * tokens_per_step / max(t_end - t_start - paused, 1e-9)
     ended = "early_stop" if stopping else "max_steps" if done == cfg.max_steps else "stop_after"
     if rank == 0 and stopping:  # evaluate scores model.pt: the best weights, not the last
-        _save(torch.load(out_dir / "best.pt", weights_only=True), out_dir / "model.pt")
+        best = torch.load(out_dir / "best.pt", weights_only=True)
+        if peft_model:
+            lora.load_adapter_state(peft_model, best["adapter"])
+        _save(final_model(best), out_dir / "model.pt")
     if rank == 0 and ended != "stop_after":  # not when interrupted
         _plot(records, out_dir / "loss.png")
     if world > 1:
@@ -648,7 +703,9 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
         "final_loss": sum(r["loss"] for r in last) / len(last) if last else None,
         "tokens_per_s": tokens_per_s,
         "seconds": t_end - t_start,
-        "n_params": raw_model.num_params(),
+        "n_params": raw_model.num_params() - (n_trainable if peft_model else 0),  # LoRA: merged
+        "lora": {**asdict(cfg.lora), "trainable_params": n_trainable,
+                 "trainable_share": n_trainable / n_all} if peft_model else None,
         "mfu": run_mfu,
         "mfu_note": mfu_note,
         "peak_flops_source": peak_source,
@@ -695,16 +752,23 @@ def main(argv: list[str] | None = None) -> None:
             paths += found
         return paths
 
-    values = {"processes": int(os.environ.get("WORLD_SIZE", 1))}
+    values = {"processes": int(os.environ.get("WORLD_SIZE", 1)),
+              **({"init_from": str(args.init_from)} if args.init_from else {})}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             p.error(f"--set {item}: should look like KEY=VALUE")
+        *section, leaf = key.split(".")  # lora.rank=8: a field of the nested [train.lora]
+        node = values
+        for part in section:
+            node = node.setdefault(part, {})
         try:  # TOML values: 10, 2e-3, true, "text" (text needs no quotes)
-            values[key] = tomllib.loads(f"v = {value}")["v"]
+            node[leaf] = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            values[key] = value
+            node[leaf] = value
     try:
+        if isinstance(values.get("lora"), dict):
+            values["lora"] = LoraConfig(**values["lora"])
         cfg = TrainConfig(**values)
     except ValidationError as exc:
         p.error("; ".join(f"--set {'.'.join(map(str, e['loc'])) or '(together)'}: "
