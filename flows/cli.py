@@ -421,7 +421,14 @@ def serve(model: str = MODEL_ARGUMENT,
     address = f"[{host}]" if ":" in host else host
     typer.echo(f"serving train/{found['version']}{' (int8)' if int8 else ''} on "
                f"http://{address}:{sock.getsockname()[1]} (schema at /docs; Ctrl-C stops it)")
-    uvicorn.Server(uvicorn.Config(api, log_level="info")).run(sockets=[sock])
+    server = uvicorn.Server(uvicorn.Config(api, log_level="info"))
+    server.run(sockets=[sock])
+    # uvicorn stops on Ctrl-C and raises the signal again for us, but asyncio's runner turns
+    # that into cancelling a task that may already be ending, and then returns normally (a
+    # race, seen in CI): a server that stopped on a signal is an interrupted command. SIGTERM
+    # reaches our handler (exit 143) before this line.
+    if server.should_exit:
+        raise KeyboardInterrupt
 
 
 @app.command()

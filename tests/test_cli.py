@@ -217,6 +217,9 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
         # the next start finds the server the killed run left, marks its run Crashed, uses it
         second = start_run(run_env, second_err, *artifacts)
         wait_for(second_err, r"source: building", second)
+        # held mid-source while its server is checked: on a fast machine the whole stage takes
+        # ~10 s, less than these checks may under load, and a finished run has nothing to stop
+        second.send_signal(signal.SIGSTOP)
         text = second_err.read_text()
         assert "using the Prefect server" in text and f"({killed}) was left RUNNING" in text
         run = api(port, f"/flow_runs/{killed}")
@@ -224,7 +227,8 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
         assert run["infrastructure_pid"] == f"{socket.gethostname()}:{first.pid}"
         assert [t["state_type"] for t in api(port, "/task_runs/filter", tasks)] == ["CRASHED"]
 
-        second.send_signal(signal.SIGINT)  # Ctrl-C
+        second.send_signal(signal.SIGINT)  # Ctrl-C, pending until it runs again
+        second.send_signal(signal.SIGCONT)
         code = second.wait(timeout=120)
         assert code == 130, f"exit {code} after Ctrl-C; its stderr:\n{second_err.read_text()[-4000:]}"
     finally:
