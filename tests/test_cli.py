@@ -221,14 +221,17 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
         # ~10 s, less than these checks may under load, and a finished run has nothing to stop
         second.send_signal(signal.SIGSTOP)
         text = second_err.read_text()
+        assert "source: wrote" not in text, "the run ended its stage before it could be held"
         assert "using the Prefect server" in text and f"({killed}) was left RUNNING" in text
         run = api(port, f"/flow_runs/{killed}")
         assert run["state_type"] == "CRASHED" and "marked Crashed by c2m" in run["state"]["message"]
         assert run["infrastructure_pid"] == f"{socket.gethostname()}:{first.pid}"
         assert [t["state_type"] for t in api(port, "/task_runs/filter", tasks)] == ["CRASHED"]
 
-        second.send_signal(signal.SIGINT)  # Ctrl-C, pending until it runs again
+        # Ctrl-C once it runs again: a signal sent while it is stopped would wait for whichever
+        # of its threads wakes first, where a terminal's Ctrl-C reaches the running main thread
         second.send_signal(signal.SIGCONT)
+        second.send_signal(signal.SIGINT)
         code = second.wait(timeout=120)
         assert code == 130, f"exit {code} after Ctrl-C; its stderr:\n{second_err.read_text()[-4000:]}"
     finally:
