@@ -123,12 +123,18 @@ def _shard(s: dict) -> list[str]:
             f"{len(s[split]['shards'])} shards" for split in ("train", "val")]
 
 
+def _loss(s: dict) -> str:
+    """What a train run's losses are over: a masked LM's only over its masked tokens."""
+    return "masked-token loss" if s.get("objective") == "masked" else "loss"
+
+
 def _train(s: dict) -> list[str]:
+    loss = _loss(s)
     lines = [f"- {s['steps']:,} steps, {s['tokens_seen']:,} tokens, {s['n_params']:,} parameters; "
-             f"train loss {s['initial_loss']:.4f} -> {s['final_loss']:.4f}"]
+             f"train {loss} {s['initial_loss']:.4f} -> {s['final_loss']:.4f}"]
     if s.get("val_loss") is not None:
         at = f" at step {s['best_step']:,}" if s.get("best_step") else ""
-        lines.append(f"- val loss {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f}{at} (best.pt)")
+        lines.append(f"- val {loss} {s['val_loss']:.4f} at the end, best {s['best_val_loss']:.4f}{at} (best.pt)")
     if s.get("early_stop"):
         lines.append(_ended(s))
     if s.get("dtype"):
@@ -151,12 +157,12 @@ def _train(s: dict) -> list[str]:
 
 
 def _ended(s: dict) -> str:
-    stop = s["early_stop"]
-    rule = (f"{stop['patience']} val checks in a row without beating the best val loss by more "
+    stop, loss = s["early_stop"], _loss(s)
+    rule = (f"{stop['patience']} val checks in a row without beating the best val {loss} by more "
             f"than {stop['min_delta']:g}")
     if s.get("ended") == "early_stop":
         return (f"- **stopped early** at step {s['steps']:,} after {rule}; model.pt is best.pt "
-                f"(step {s['best_step']:,}, val loss {s['best_val_loss']:.4f})")
+                f"(step {s['best_step']:,}, val {loss} {s['best_val_loss']:.4f})")
     return f"- ran to max_steps: early stopping ({rule}) did not fire"
 
 

@@ -341,6 +341,8 @@ def test_masked_objective_through_the_flow(first_run, tmp_path):
     assert "masked-token accuracy" in report and "bits per byte, the compressor anchors" in report
     assert "masked tokens guessed right" in report  # the fill-mask examples
     assert key_figure(evaluated).startswith("masked-token accuracy")
+    trained = (store.path("train", encoder["train"]) / "report.md").read_text()
+    assert "train masked-token loss" in trained and "val masked-token loss" in trained
 
     def c2m(*args):
         return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],

@@ -44,6 +44,7 @@ from trainer.lora import LoraConfig
 from trainer.model import GPT, GPTConfig, load_model
 
 FINAL_LOSS_LOGS = 5  # final_loss averages this many of the last logged losses (step 0's never)
+LOSS_NAME = {"causal": "loss", "masked": "masked-token loss"}  # what the objective's loss is over
 DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # autocast dtype
 
 
@@ -308,7 +309,7 @@ def _save(obj: dict, path: Path) -> None:
                       f"needed): {type(e).__name__}: {first_line}") from e
 
 
-def _plot(records: list[dict], path: Path) -> None:
+def _plot(records: list[dict], path: Path, loss_name: str) -> None:
     # The object API with an Agg canvas: no pyplot, no global backend switch.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -322,7 +323,7 @@ def _plot(records: list[dict], path: Path) -> None:
     if val_recs:
         ax.plot([r["step"] for r in val_recs], [r["val_loss"] for r in val_recs], "o-", label="val")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(f"{loss_name} (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend()
     lr_ax = ax.twinx()
@@ -680,7 +681,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
             lora.load_adapter_state(peft_model, best["adapter"])
         _save(final_model(best), out_dir / "model.pt")
     if rank == 0 and ended != "stop_after":  # not when interrupted
-        _plot(records, out_dir / "loss.png")
+        _plot(records, out_dir / "loss.png", LOSS_NAME[cfg.objective])
     if world > 1:
         dist.barrier()  # no rank leaves before rank 0 has written the files
     train_records = [r for r in records if "loss" in r]
@@ -697,6 +698,7 @@ def train(train_shards: list[Path], vocab_size: int, cfg: TrainConfig, out_dir: 
                               t_end - t_start))
     return {
         "steps": done,
+        "objective": cfg.objective,  # masked: every loss here is over the masked tokens only
         "ended": ended,  # max_steps, early_stop, or stop_after (resumable)
         "tokens_seen": tokens_seen,
         "initial_loss": train_records[0]["loss"] if train_records else None,
