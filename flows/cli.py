@@ -98,12 +98,30 @@ def _in_process(call):
         with progress.TerminalLine(console=progress.prefect_console()) as line:
             progress.LISTENERS.append(line.show)
             try:
-                state = call()
+                with _noting_ctrl_c() as interrupted:
+                    state = call()
             finally:
                 progress.LISTENERS.remove(line.show)
+        if interrupted:  # Prefect's engine drops a Ctrl-C that lands once the run's state is final
+            raise KeyboardInterrupt
         if not state.is_completed():
             _name_failed_stage(state)
         return state.result()
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the list yielded."""
+    noted: list[int] = []
+
+    def handler(signum, frame):
+        noted.append(signum)
+        signal.default_int_handler(signum, frame)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield noted
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _name_failed_stage(state) -> None:

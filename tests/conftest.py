@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROJECT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT.parent / "shared" / "data"
 C2M = str(Path(sys.executable).with_name("c2m"))  # the console script of this venv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,6 +56,68 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# A flow run in a process of its own, so that a test can kill it mid-stage or run two at
+# once; it prints "RESULT <versions>" when it completes. With slow_train, training sleeps
+# at each metrics line (same code version, same artifact version): time to kill it.
+FLOW_IN_A_PROCESS = """
+import json, sys, time
+args = json.loads(sys.argv[1])
+if args["slow_train"]:
+    import trainer.train
+    real = trainer.train.train
+    def slow(*a, log=print, **kw):
+        def slow_log(line):
+            log(line)
+            time.sleep(0.5)
+        return real(*a, log=slow_log, **kw)
+    trainer.train.train = slow
+from flows.flow import corpus_to_model
+versions = corpus_to_model(config="configs/demo.toml", overrides=args["overrides"], stages=args["stages"])
+print("RESULT " + json.dumps(versions))
+"""
+
+
+def flow_argv(overrides: dict, stages: list[str] | None = None, slow_train: bool = False) -> list[str]:
+    args = {"overrides": overrides, "stages": stages, "slow_train": slow_train}
+    return [sys.executable, "-c", FLOW_IN_A_PROCESS, json.dumps(args)]
+
+
+def flow_env(home: Path, **env: str) -> dict[str, str]:
+    """This session's Prefect API, a PREFECT_HOME of the run's own, and `env` on top."""
+    from prefect.settings import PREFECT_API_URL
+
+    home.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1", **env}
+
+
+def start_flow(overrides: dict, home: Path, stages: list[str] | None = None, slow_train: bool = False,
+               **env: str) -> subprocess.Popen:
+    """Start the flow in a child process (flow_argv, flow_env), its output in home/log."""
+    env = flow_env(home, **env)
+    return subprocess.Popen(flow_argv(overrides, stages, slow_train), cwd=PROJECT, env=env,
+                            stdout=open(home / "log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own group: a kill takes Dask and torchrun too
+
+
+def finish_flow(proc: subprocess.Popen, home: Path, timeout: float = 300) -> tuple[dict, str]:
+    """(versions, log) of a flow started by start_flow, which must complete in `timeout` s."""
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (home / "log").read_text()
+    assert proc.returncode == 0, log[-3000:]
+    return json.loads(log.split("RESULT ", 1)[1].splitlines()[0]), log
+
+
+def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
+    """`python -m flows.cli ARGS` from the project folder; `env` adds environment variables."""
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          cwd=PROJECT, timeout=120, env={**os.environ, **env})
 
 
 @pytest.fixture(scope="session")

@@ -245,6 +245,26 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
     assert not alive(server_pid) and not answers(port) and not (state / "server.pid").exists()
 
 
+def test_a_ctrl_c_that_prefect_drops_once_the_run_is_final_is_still_noted(prefect_harness):
+    """Prefect's flow engine logs and drops a KeyboardInterrupt that lands after the run's
+    state is final (here in an on_completion hook); `c2m run` notes it and exits 130."""
+    from prefect import flow
+
+    from flows.cli import _noting_ctrl_c
+
+    def ctrl_c(flow, run, state):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    @flow(on_completion=[ctrl_c])
+    def finishes() -> int:
+        return 1
+
+    with _noting_ctrl_c() as noted:
+        state = finishes(return_state=True)
+    assert state.is_completed() and noted == [signal.SIGINT]  # dropped by Prefect, noted here
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_sigterm_exits_143_after_the_same_clean_up(run_env, tmp_path):
     port = int(run_env["C2M_PORT"])
     err = tmp_path / "run.err"

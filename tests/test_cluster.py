@@ -16,25 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, tiny_overrides
+from conftest import C2M, cli, finish_flow, free_port, start_flow, tiny_overrides
 from flows.stages import DOCUMENT_STAGES, ORDER
 from flows.store import ArtifactStore
 
-PROJECT = Path(__file__).resolve().parents[1]
 DASK = str(Path(sys.executable).with_name("dask"))  # the CLI of this venv
 DATA_STAGES = ORDER[:ORDER.index("shard") + 1]
 DOC_STAGES = DOCUMENT_STAGES  # one task per partition each
 
 PARTITION_TASKS = ("process_partition-", "_dedup_partition-")  # the keys of their Dask tasks
-
-RUN = """
-import json, sys
-from flows.flow import corpus_to_model
-versions = corpus_to_model(config="configs/demo.toml", overrides=json.loads(sys.argv[1]),
-                           stages=json.loads(sys.argv[2]))
-print("RESULT " + json.dumps(versions))
-"""
-
 
 def left_running(pgids: set[int], pids: set[int]) -> list[int]:
     """Live (not zombie) processes among `pids` or in any of the process groups `pgids`."""
@@ -119,33 +109,6 @@ def overrides(tiny_corpus: Path, root: str, scratch: Path, **more) -> dict:
             "dask.local_directory": str(scratch / "dask"), **more}
 
 
-def start_flow(sets: dict, home: Path, stages: list[str] = DATA_STAGES) -> subprocess.Popen:
-    from prefect.settings import PREFECT_API_URL
-
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
-           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(sets), json.dumps(stages)],
-                            cwd=PROJECT, env=env, stdout=open(home / "log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, home: Path, timeout: float = 240) -> dict:
-    try:
-        proc.wait(timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    log = (home / "log").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    return json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
-
-
-def c2m(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=PROJECT, timeout=120)
-
-
 def data_files(store: ArtifactStore, stage: str, version: str) -> dict[str, str]:
     """{file: sha256} of a version's data, from its manifest (its report holds timings)."""
     files = store.manifest(stage, version)["files"]
@@ -162,9 +125,10 @@ def test_the_data_stages_give_the_same_artifacts_on_a_cluster_as_locally(
                                       **{"dask.scheduler": address}), tmp_path / "cluster")
     # the reference: a local folder and a LocalCluster, the defaults
     local_root = str(tmp_path / "local-store")
-    on_local_cluster = start_flow(overrides(tiny_corpus, local_root, tmp_path), tmp_path / "local")
-    versions = finish(on_cluster, tmp_path / "cluster")
-    local = finish(on_local_cluster, tmp_path / "local")
+    on_local_cluster = start_flow(overrides(tiny_corpus, local_root, tmp_path), tmp_path / "local",
+                                  DATA_STAGES)
+    versions, _ = finish_flow(on_cluster, tmp_path / "cluster")
+    local, _ = finish_flow(on_local_cluster, tmp_path / "local")
     ran = [(t["key"], t["worker"]) for t in client.get_task_stream(start=started)]
 
     assert versions == local and list(versions) == DATA_STAGES
@@ -185,7 +149,7 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_stage_commits_once(
     root = f"{store_root}/killed"
     sets = overrides(tiny_corpus, root, tmp_path, **{"dask.scheduler": address,
                                                      "source.docs_per_partition": 2})
-    flow = start_flow(sets, tmp_path / "run")
+    flow = start_flow(sets, tmp_path / "run", DATA_STAGES)
     killed = None
     deadline = time.monotonic() + 180
     while killed is None:  # kill a worker as soon as it runs a partition (of extract, the first)
@@ -199,8 +163,7 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_stage_commits_once(
                 break
         else:
             time.sleep(0.01)
-    versions = finish(flow, tmp_path / "run")
-    log = (tmp_path / "run" / "log").read_text()
+    versions, log = finish_flow(flow, tmp_path / "run")
 
     lost = [msg for _, msg in client.get_events("all")
             if msg.get("action") == "remove-worker" and msg.get("worker") == killed[0]]
@@ -214,7 +177,7 @@ def test_a_worker_killed_mid_stage_is_retried_and_the_stage_commits_once(
     for stage in DOC_STAGES:  # conservation, from the manifests (verify counts the files)
         stats = store.manifest(stage, versions[stage])["stats"]
         assert stats["docs_in"] == stats["docs_out"] + stats["docs_rejected"] > 0, stage
-    checked = c2m("verify", "--root", root)
+    checked = cli("verify", "--root", root)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
     assert killed[1] not in worker_pids(client).values()
@@ -228,10 +191,9 @@ def test_the_demo_deployment_runs_on_the_s3_store_and_the_cluster(dask_cluster, 
     env.update(PREFECT_API_URL=f"http://127.0.0.1:{env['C2M_PORT']}/api", PREFECT_HOME=str(tmp_path / "home"))
     sets = {**tiny_overrides(tiny_corpus, tmp_path / "unused"), "run.artifacts": s3_artifacts,
             "dask.scheduler": address}
-    c2m_bin = str(Path(sys.executable).with_name("c2m"))
     prefect = str(Path(sys.executable).with_name("prefect"))
     before = {t["key"] for t in client.get_task_stream()}
-    up = subprocess.run([c2m_bin, "up"], env=env, capture_output=True, text=True, timeout=240)
+    up = subprocess.run([C2M, "up"], env=env, capture_output=True, text=True, timeout=240)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         run = subprocess.run([prefect, "deployment", "run", "corpus-to-model/demo", "-p", 'stages=["source", "extract"]',
@@ -239,7 +201,7 @@ def test_the_demo_deployment_runs_on_the_s3_store_and_the_cluster(dask_cluster, 
                              env=env, capture_output=True, text=True, timeout=240)
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     finally:
-        subprocess.run([c2m_bin, "down"], env=env, capture_output=True, timeout=120)
+        subprocess.run([C2M, "down"], env=env, capture_output=True, timeout=120)
     store = ArtifactStore(s3_artifacts)
     extract = store.latest("extract")
     assert extract and store.verify("extract", extract) == []

@@ -11,59 +11,14 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import tiny_overrides
+from conftest import PROJECT, cli, finish_flow, flow_argv, flow_env, start_flow, tiny_overrides
 from flows.store import ArtifactStore
-
-PROJECT = Path(__file__).resolve().parents[1]
-
-# A flow run in a process of its own. With `slow_train`, training sleeps at each metrics
-# line (same code version, same artifact version), so a test can kill it mid-stage.
-RUN = """
-import json, sys, time
-if sys.argv[2] == "slow_train":
-    import trainer.train
-    real = trainer.train.train
-    def slow(*args, log=print, **kwargs):
-        def slow_log(line):
-            log(line)
-            time.sleep(0.5)
-        return real(*args, log=slow_log, **kwargs)
-    trainer.train.train = slow
-from flows.flow import corpus_to_model
-print("RESULT " + json.dumps(corpus_to_model(config="configs/demo.toml", overrides=json.loads(sys.argv[1]))))
-"""
-
-
-def start_run(overrides: dict, home: Path, slow_train: bool = False) -> subprocess.Popen:
-    from prefect.settings import PREFECT_API_URL
-
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
-           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-c", RUN, json.dumps(overrides), "slow_train" if slow_train else "-"],
-        cwd=PROJECT, env=env, stdout=open(home / "log", "w"), stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own process group: a kill takes its Dask workers too
-
-
-def finish(proc: subprocess.Popen, home: Path, timeout: float = 240) -> tuple[dict, str]:
-    proc.wait(timeout)
-    log = (home / "log").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    return json.loads(log.split("RESULT ", 1)[1].splitlines()[0]), log
-
-
-def c2m(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=PROJECT, timeout=120)
-
 
 def built(log: str) -> list[str]:
     return re.findall(r"(\w+): building \1/(\w+)", log)
@@ -85,8 +40,8 @@ def two_runs(prefect_harness, tiny_corpus, cluster, tmp_path_factory):
     """Two runs of the same flow and config on the same artifacts folder, at once."""
     root = tmp_path_factory.mktemp("concurrent")
     overrides = {**tiny_overrides(tiny_corpus, root / "artifacts"), "dask.scheduler": cluster.scheduler_address}
-    procs = [start_run(overrides, root / f"run{i}") for i in range(2)]
-    results = [finish(p, root / f"run{i}") for i, p in enumerate(procs)]
+    procs = [start_flow(overrides, root / f"run{i}") for i in range(2)]
+    results = [finish_flow(p, root / f"run{i}") for i, p in enumerate(procs)]
     return ArtifactStore(root / "artifacts"), overrides, results
 
 
@@ -101,7 +56,7 @@ def test_two_runs_at_once_build_each_version_once(two_runs):
     assert waited, "neither run waited for the other"
     assert all(store.versions(s) == [v] for s, v in first.items())
     assert store.temporaries() == []
-    checked = c2m("verify", "--root", str(store.root))
+    checked = cli("verify", "--root", str(store.root))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith(f"verified {len(ORDER)} versions, ")
 
@@ -118,7 +73,7 @@ def test_verify_finds_a_corrupted_file_and_a_missing_rejected_partition(two_runs
     rejected = sorted((copy.path("filter", versions["filter"]) / "rejected").glob("*.parquet"))[0]
     rejected.unlink()
 
-    out = c2m("verify", "--root", str(copy.root))
+    out = cli("verify", "--root", str(copy.root))
     assert out.returncode == 1
     lines = out.stdout.splitlines()
     n, f = f"normalize/{versions['normalize']}", f"filter/{versions['filter']}"
@@ -129,8 +84,8 @@ def test_verify_finds_a_corrupted_file_and_a_missing_rejected_partition(two_runs
     assert len(lines) == 4, lines
     assert out.stderr.startswith("error: 4 problems in ")
     # one stage: only its own problems
-    assert c2m("verify", "extract", "--root", str(copy.root)).returncode == 0
-    assert c2m("verify", "filter", versions["filter"][:6], "--root", str(copy.root)).returncode == 1
+    assert cli("verify", "extract", "--root", str(copy.root)).returncode == 0
+    assert cli("verify", "filter", versions["filter"][:6], "--root", str(copy.root)).returncode == 1
 
 
 def read_only(store: Path, argv: list[str]) -> list[str] | None:
@@ -146,23 +101,17 @@ def read_only(store: Path, argv: list[str]) -> list[str] | None:
 
 
 def test_a_read_only_store_gives_cache_hits(two_runs, tmp_path):
-    from prefect.settings import PREFECT_API_URL
-
     from flows.stages import ORDER
 
     store, overrides, [(versions, _), _] = two_runs
     copy = ArtifactStore(shutil.copytree(store.root, tmp_path / "artifacts"))
     (copy.root / "evaluate" / "LATEST").write_text("older\n")  # the hit will want to move it
-    argv = read_only(copy.root, [sys.executable, "-c", RUN,
-                                 json.dumps({**overrides, "run.artifacts": str(copy.root)}), "-"])
+    argv = read_only(copy.root, flow_argv({**overrides, "run.artifacts": str(copy.root)}))
     if argv is None:
         pytest.skip("running as root and cannot make a read-only bind mount (unshare --mount failed)")
     try:
-        home = tmp_path / "home"
-        home.mkdir()
-        env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
-               "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
-        out = subprocess.run(argv, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=180)
+        out = subprocess.run(argv, cwd=PROJECT, env=flow_env(tmp_path / "home"), capture_output=True, text=True,
+                             timeout=180)
     finally:
         subprocess.run(["chmod", "-R", "u+w", str(copy.root)], check=True)
     log = out.stdout + out.stderr
@@ -179,7 +128,7 @@ def test_a_run_killed_mid_train_is_taken_over_and_leaves_nothing_behind(two_runs
     overrides = {**overrides, "run.artifacts": str(store.root),
                  "train.max_steps": 12, "train.checkpoint_every": 4, "train.eval_tokens": 2048,
                  "train.log_every": 2}
-    victim = start_run(overrides, tmp_path / "victim", slow_train=True)
+    victim = start_flow(overrides, tmp_path / "victim", slow_train=True)
     deadline = time.time() + 180
     while not list(store.root.glob("train/.tmp-work-*/checkpoints/step_*.pt")):
         assert victim.poll() is None, (tmp_path / "victim" / "log").read_text()[-3000:]
@@ -190,10 +139,10 @@ def test_a_run_killed_mid_train_is_taken_over_and_leaves_nothing_behind(two_runs
 
     left = store.temporaries("train")
     assert {t.kind for t in left} == {"lease", "build", "work"} and not any(t.alive for t in left)
-    listed = c2m("ls", "train", "--root", str(store.root))
+    listed = cli("ls", "train", "--root", str(store.root))
     assert listed.returncode == 0 and ".tmp-work-" in listed.stdout and "its process is gone" in listed.stdout
 
-    versions, log = finish(start_run(overrides, tmp_path / "rerun"), tmp_path / "rerun")
+    versions, log = finish_flow(start_flow(overrides, tmp_path / "rerun"), tmp_path / "rerun")
     train = f"train/{versions['train']}"
     assert f"train: took over the lease on {train} from pid {victim.pid} on " in log
     assert re.search(rf"train: removing train/\.tmp-{versions['train']}-\w+ ", log)  # the victim's folder
@@ -201,12 +150,12 @@ def test_a_run_killed_mid_train_is_taken_over_and_leaves_nothing_behind(two_runs
     stats = store.manifest("train", versions["train"])["stats"]
     assert re.search(r"step_\d+\.pt$", stats["resumed_from"]) and stats["steps"] == 12
 
-    checked = c2m("verify", "--root", str(store.root))
+    checked = cli("verify", "--root", str(store.root))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert store.temporaries() == []
-    collected = c2m("gc", "--root", str(store.root))
+    collected = cli("gc", "--root", str(store.root))
     assert collected.returncode == 0 and collected.stdout.strip() == "nothing to remove"
-    assert "temporary" not in c2m("ls", "--root", str(store.root)).stdout
+    assert "temporary" not in cli("ls", "--root", str(store.root)).stdout
 
 
 # -- a failing parallel stage ---------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_overrides
+from conftest import start_flow, tiny_overrides
 from flows.store import ArtifactStore
 from trainer.data import write_shard
 
@@ -111,13 +111,6 @@ SITECUSTOMIZE = textwrap.dedent("""
 """)
 
 # A flow run in a process of its own (as `c2m run` would be), in its own process group.
-RUN = """
-import json, sys
-from flows.flow import corpus_to_model
-print("RESULT " + json.dumps(corpus_to_model(config="configs/demo.toml", overrides=json.loads(sys.argv[1]))))
-"""
-
-
 def training_processes(root: Path) -> list[int]:
     """Processes (torchrun and its ranks) training into a folder under `root`."""
     found = []
@@ -149,8 +142,6 @@ def hooks(tmp_path_factory) -> str:
 def two_processes(prefect_harness, tiny_corpus, tmp_path_factory, hooks):
     """A flow run killed mid-train (its ranks slowed), then run again to the end: the store,
     the overrides, the versions of the resumed run, its progress reports, the victim's log."""
-    from prefect.settings import PREFECT_API_URL
-
     from flows.flow import corpus_to_model
     from flows.progress import LISTENERS
 
@@ -158,15 +149,10 @@ def two_processes(prefect_harness, tiny_corpus, tmp_path_factory, hooks):
     artifacts = tmp / "artifacts"
     overrides = {**tiny_overrides(tiny_corpus, artifacts), "train.processes": 2, "train.max_steps": 12,
                  "train.checkpoint_every": 4, "train.dropout": 0.1, "train.eval_tokens": 2048}
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(tmp / "home"),
-           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": hooks, "C2M_TEST_RANK": "slow:1"}
-    with open(tmp / "victim.log", "w") as out:
-        victim = subprocess.Popen([sys.executable, "-c", RUN, json.dumps(overrides)], cwd=ROOT, env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    victim = start_flow(overrides, tmp / "victim", PYTHONPATH=hooks, C2M_TEST_RANK="slow:1")
     deadline = time.time() + 240
     while not list(artifacts.glob("train/.tmp-work-*/checkpoints/step_*.pt")):
-        assert victim.poll() is None, (tmp / "victim.log").read_text()[-3000:]
+        assert victim.poll() is None, (tmp / "victim" / "log").read_text()[-3000:]
         assert time.time() < deadline, "training never wrote a checkpoint"
         time.sleep(0.1)
     assert training_processes(artifacts)  # torchrun and its ranks
@@ -183,7 +169,7 @@ def two_processes(prefect_harness, tiny_corpus, tmp_path_factory, hooks):
     finally:
         LISTENERS.clear()
     return SimpleNamespace(store=ArtifactStore(artifacts), overrides=overrides, versions=versions,
-                           killed_at=killed_at, reports=reports, victim_log=(tmp / "victim.log").read_text())
+                           killed_at=killed_at, reports=reports, victim_log=(tmp / "victim" / "log").read_text())
 
 
 def test_the_flow_trains_in_two_processes_and_evaluates_the_model(two_processes):

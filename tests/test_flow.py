@@ -8,7 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from conftest import tiny_overrides
+from conftest import cli, tiny_overrides
 from flows.stages import DOCUMENT_STAGES, ORDER
 from flows.store import ArtifactStore, file_sha256
 from trainer.data import open_shard
@@ -265,14 +265,10 @@ def test_a_killed_train_stage_resumes_to_the_same_model(first_run, monkeypatch):
 
 
 def test_generate_and_export_commands_on_a_model_artifact(first_run, tmp_path):
-    import subprocess
-    import sys
-
     store, _, versions, _ = first_run
 
     def c2m(*args):
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],
-                              capture_output=True, text=True, timeout=120)
+        return cli(*args, "--root", str(store.root))
 
     out = c2m("generate", versions["train"][:8], "-p", "The", "-n", "2", "--tokens", "12", "--seed", "7")
     assert out.returncode == 0, out.stderr
@@ -322,8 +318,6 @@ def test_masked_objective_through_the_flow(first_run, tmp_path):
     """train.objective = masked on the same corpus: only train and evaluate rebuild (the
     tokenizer and shards are shared), evaluate reports masked-token figures, and the CLI
     refuses to generate or serve the encoder but exports it as a masked LM."""
-    import subprocess
-    import sys
 
     from flows.flow import corpus_to_model
     from flows.report import key_figure
@@ -345,8 +339,7 @@ def test_masked_objective_through_the_flow(first_run, tmp_path):
     assert "train masked-token loss" in trained and "val masked-token loss" in trained
 
     def c2m(*args):
-        return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--root", str(store.root)],
-                              capture_output=True, text=True, timeout=120)
+        return cli(*args, "--root", str(store.root))
 
     for command in (["generate", "-p", "The"], ["serve", "--port", "0"]):
         refused = c2m(command[0], encoder["train"][:10], *command[1:])

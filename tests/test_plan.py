@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import free_port, tiny_overrides
+from conftest import cli, free_port, tiny_overrides
 from flows import stages
 from flows.config import load_config
 from flows.plan import Own, Plan, code_changes, config_changes, plan_run
@@ -42,10 +39,8 @@ def actions(steps: dict) -> dict[str, str]:
 def c2m_plan(overrides: dict, *args: str):
     """`c2m plan` in its own process, with no Prefect server to be found."""
     sets = [a for key, value in overrides.items() for a in ("--set", f"{key}={value}")]
-    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api",
-           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false"}
-    return subprocess.run([sys.executable, "-m", "flows.cli", "plan", "--config", "configs/demo.toml",
-                           *sets, *args], capture_output=True, text=True, timeout=180, env=env)
+    return cli("plan", "--config", "configs/demo.toml", *sets, *args,
+               PREFECT_API_URL=f"http://127.0.0.1:{free_port()}/api", PREFECT_SERVER_EPHEMERAL_ENABLED="false")
 
 
 def test_the_first_plan_builds_every_stage_as_new_and_the_run_gets_its_versions(built):

@@ -11,45 +11,18 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import C2M, free_port, tiny_overrides
+from conftest import C2M, PROJECT, cli, finish_flow, free_port, start_flow, tiny_overrides
 from flows.stages import DOCUMENT_STAGES, ORDER
 from flows.store import ArtifactStore
 
-PROJECT = Path(__file__).resolve().parents[1]
-RUN = """
-import json, sys
-from flows.flow import corpus_to_model
-print("RESULT " + json.dumps(corpus_to_model(config="configs/demo.toml", overrides=json.loads(sys.argv[1]))))
-"""
-
-
-def start(overrides: dict, home: Path, state: Path) -> subprocess.Popen:
-    from prefect.settings import PREFECT_API_URL
-
-    home.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_HOME": str(home),
-           "PREFECT_SERVER_EPHEMERAL_ENABLED": "false", "PYTHONUNBUFFERED": "1", "C2M_STATE": str(state)}
-    return subprocess.Popen([sys.executable, "-c", RUN, json.dumps(overrides)], cwd=PROJECT, env=env,
-                            stdout=open(home / "log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own group: a kill takes its Dask workers too
-
-
-def finish(proc: subprocess.Popen, home: Path) -> tuple[dict, str]:
-    proc.wait(300)
-    log = (home / "log").read_text()
-    assert proc.returncode == 0, log[-3000:]
-    return json.loads(log.split("RESULT ", 1)[1].splitlines()[0]), log
-
 
 def c2m(state: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          cwd=PROJECT, timeout=120, env={**os.environ, "C2M_STATE": str(state)})
+    return cli(*args, C2M_STATE=str(state))  # the state folder of the run under test
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +37,7 @@ def runs(prefect_harness, s3_server, tiny_corpus, tmp_path_factory):
     state = work / "state"
     overrides = {**tiny_overrides(tiny_corpus, work / "unused"), "run.artifacts": root,
                  "source.docs_per_partition": 1}  # 29 partitions: extract takes long enough to kill
-    killed = start(overrides, work / "killed", state)
+    killed = start_flow(overrides, work / "killed", C2M_STATE=str(state))
     store = ArtifactStore(root)
     seen = None
     deadline = time.monotonic() + 120
@@ -83,7 +56,7 @@ def runs(prefect_harness, s3_server, tiny_corpus, tmp_path_factory):
     done = subprocess.run([C2M, "run", *sets], env=env, capture_output=True, text=True, timeout=300, cwd=PROJECT)
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads(done.stdout[done.stdout.index("{"):]), done.stderr
-    second = finish(start(overrides, work / "second", state), work / "second")
+    second = finish_flow(start_flow(overrides, work / "second", C2M_STATE=str(state)), work / "second")
     return store, state, after_kill, first, second
 
 
