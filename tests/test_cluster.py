@@ -122,7 +122,7 @@ def test_the_data_stages_give_the_same_artifacts_on_a_cluster_as_locally(
     started = time.time()
     # both at once: on 2 cores most of a run is starting processes and importing
     on_cluster = start_flow(overrides(tiny_corpus, f"{store_root}/cluster", tmp_path,
-                                      **{"dask.scheduler": address}), tmp_path / "cluster")
+                                      **{"dask.scheduler": address}), tmp_path / "cluster", DATA_STAGES)
     # the reference: a local folder and a LocalCluster, the defaults
     local_root = str(tmp_path / "local-store")
     on_local_cluster = start_flow(overrides(tiny_corpus, local_root, tmp_path), tmp_path / "local",
