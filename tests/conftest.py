@@ -120,6 +120,17 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess:
                           cwd=PROJECT, timeout=120, env={**os.environ, **env})
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """A test leaves os.environ as it found it, whatever it imported: flows.cli points
+    PREFECT_API_URL at port 4200 when imported, which every later `c2m` child would inherit.
+    Fixtures of wider scope (the Prefect harness, moto) are set up before this one."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory):
     """One throwaway Prefect API for the whole session (~6 s to start)."""
