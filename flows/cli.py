@@ -98,30 +98,31 @@ def _in_process(call):
         with progress.TerminalLine(console=progress.prefect_console()) as line:
             progress.LISTENERS.append(line.show)
             try:
-                with _noting_ctrl_c() as interrupted:
+                with _ctrl_c_kept():
                     state = call()
             finally:
                 progress.LISTENERS.remove(line.show)
-        if interrupted:  # Prefect's engine drops a Ctrl-C that lands once the run's state is final
-            raise KeyboardInterrupt
         if not state.is_completed():
             _name_failed_stage(state)
         return state.result()
 
 
 @contextlib.contextmanager
-def _noting_ctrl_c():
-    """Ctrl-C raises KeyboardInterrupt as usual and is also noted in the list yielded."""
-    noted: list[int] = []
+def _ctrl_c_kept():
+    """Ctrl-C raises KeyboardInterrupt as usual, and one the block swallowed is raised again
+    on leaving it: Prefect's engine drops a Ctrl-C that lands once the run's state is final."""
+    came: list[int] = []
 
     def handler(signum, frame):
-        noted.append(signum)
+        came.append(signum)
         signal.default_int_handler(signum, frame)
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield noted
+        yield
     finally:
         signal.signal(signal.SIGINT, previous)
+    if came:
+        raise KeyboardInterrupt
 
 
 def _name_failed_stage(state) -> None:

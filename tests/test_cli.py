@@ -245,12 +245,13 @@ def test_a_killed_run_is_marked_crashed_and_ctrl_c_exits_130(run_env, tmp_path):
     assert not alive(server_pid) and not answers(port) and not (state / "server.pid").exists()
 
 
-def test_a_ctrl_c_that_prefect_drops_once_the_run_is_final_is_still_noted(prefect_harness):
+def test_a_ctrl_c_that_prefect_drops_once_the_run_is_final_is_raised_again(prefect_harness):
     """Prefect's flow engine logs and drops a KeyboardInterrupt that lands after the run's
-    state is final (here in an on_completion hook); `c2m run` notes it and exits 130."""
+    state is final (here in an on_completion hook); `c2m run` raises it again, so it exits
+    130 (main turns a KeyboardInterrupt into 130: the killed-run test above)."""
     from prefect import flow
 
-    from flows.cli import _noting_ctrl_c
+    from flows.cli import _ctrl_c_kept
 
     def ctrl_c(flow, run, state):
         os.kill(os.getpid(), signal.SIGINT)
@@ -259,10 +260,15 @@ def test_a_ctrl_c_that_prefect_drops_once_the_run_is_final_is_still_noted(prefec
     def finishes() -> int:
         return 1
 
-    with _noting_ctrl_c() as noted:
-        state = finishes(return_state=True)
-    assert state.is_completed() and noted == [signal.SIGINT]  # dropped by Prefect, noted here
+    state = finishes(return_state=True)  # without it: dropped, the run completed
+    assert state.is_completed()
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_kept():
+            state = finishes(return_state=True)
+    assert state.is_completed()  # it came after the run was final
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with _ctrl_c_kept():  # no Ctrl-C, nothing raised
+        assert flow(lambda: 2, name="quiet")() == 2
 
 
 def test_sigterm_exits_143_after_the_same_clean_up(run_env, tmp_path):
